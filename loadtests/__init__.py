@@ -1,0 +1,1 @@
+"""Load-test and benchmark helpers (mock vLLM backend, load generators)."""

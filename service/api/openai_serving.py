@@ -1,0 +1,216 @@
+"""The drop-in OpenAI-compatible proxy.
+
+No strategy: the request is forwarded as is (streams relayed byte for byte).
+With a strategy (``strategy`` field via the SDK's ``extra_body``, or a model id
+``<strategy>:<model>``): ``n`` independent strategy runs execute concurrently and
+come back as ``n`` choices; ``usage`` totals every internal call; the ``ponder``
+object carries each run's trace summary. Streaming strategy runs send progress
+as SSE comments, then the answer as chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from strategies import StrategyResult, Task, strategies
+from strategies.base import StrategyError
+
+from ..backends import BackendError
+from .errors import error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from .serving import StrategyRunner, cancel_on_disconnect, new_id
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def split_strategy(body: OpenAIRequest) -> tuple[str | None, str]:
+    """Strategy and backend model from the fields or a ``<strategy>:<model>`` id."""
+    strategy, model = body.strategy, body.model
+    prefix, sep, rest = model.partition(":")
+    if sep and prefix in strategies():
+        if strategy and strategy != prefix:
+            raise StrategyError(f"model prefix {prefix!r} conflicts with strategy {strategy!r}", field="strategy")
+        strategy, model = prefix, rest
+    return (None if strategy == "none" else strategy), model
+
+
+class OpenAIServing:
+    def __init__(self, runner: StrategyRunner) -> None:
+        self.runner = runner
+        self.settings = runner.settings
+        self.backend = runner.runtime.backend
+
+    async def handle(self, request: Request, body: OpenAIRequest, *, chat: bool) -> Any:
+        strategy, model = split_strategy(body)
+        if body.n > self.settings.max_n:
+            raise StrategyError(f"n={body.n} exceeds this server's cap of {self.settings.max_n}", field="n")
+        if strategy is None:
+            return await self._passthrough(request, body, model, chat=chat)
+        self.runner.validate(strategy, body.strategy_params)
+        task = self._task(body, model, chat=chat)
+        if body.stream:
+            return StreamingResponse(self._stream_strategy(body, strategy, task, chat=chat),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        results = await cancel_on_disconnect(request, self._run_n(body, strategy, task))
+        return self._response(body, strategy, task, results, chat=chat)
+
+    # -- pass-through -------------------------------------------------------------
+
+    async def _passthrough(self, request: Request, body: OpenAIRequest, model: str, *, chat: bool) -> Any:
+        payload = body.passthrough_fields()
+        payload["model"] = model
+        if not self.backend.config.supports_seed:
+            payload.pop("seed", None)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        if not body.stream:
+            return JSONResponse(await cancel_on_disconnect(request, self.backend.request("POST", path, payload)))
+        # Open the stream before answering, so upstream errors still get a proper status.
+        context = self.backend.stream(path, payload)
+        chunks = await context.__aenter__()
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await context.__aexit__(None, None, None)
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    # -- strategies ---------------------------------------------------------------
+
+    def _task(self, body: OpenAIRequest, model: str, *, chat: bool) -> Task:
+        extra = {k: v for k, v in body.passthrough_fields().items()
+                 if k not in {"model", "messages", "prompt", "n", "stream", "stream_options", "temperature",
+                              "top_p", "max_tokens", "max_completion_tokens", "stop", "seed"}}
+        max_tokens = body.max_tokens
+        if isinstance(body, ChatCompletionRequest):
+            max_tokens = body.max_completion_tokens or max_tokens
+        common = dict(
+            model=model, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list,
+            max_tokens=max_tokens or self.settings.max_tokens_per_sample_default,
+            seed=body.seed if self.backend.config.supports_seed else None, extra=tuple(extra.items()),
+        )
+        if chat:
+            return Task(messages=tuple(body.messages), **common)
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        return Task(prompt=prompt, **common)
+
+    async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, on_event=None) -> list[StrategyResult]:
+        budget = self.runner.budget(body.budget)
+        return list(await asyncio.gather(*(
+            self.runner.run(strategy, task, params=body.strategy_params, budget=budget, use_cache=body.cache,
+                            on_event=on_event)
+            for _ in range(body.n)
+        )))
+
+    @staticmethod
+    def _usage(results: list[StrategyResult]) -> dict[str, int]:
+        prompt = sum(r.usage.prompt_tokens for r in results)
+        completion = sum(r.usage.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @staticmethod
+    def _ponder(strategy: str, results: list[StrategyResult]) -> dict[str, Any]:
+        return {
+            "strategy": strategy,
+            "runs": [
+                {"usage": r.usage.as_dict(), "budget_limited": r.budget_limited, "stop_reason": r.stop_reason,
+                 "trace": r.trace}
+                for r in results
+            ],
+        }
+
+    def _response(self, body: OpenAIRequest, strategy: str, task: Task, results: list[StrategyResult], *,
+                  chat: bool) -> dict[str, Any]:
+        created = int(time.time())
+        if chat:
+            choices = [
+                {"index": i, "message": _assistant_message(r), "logprobs": None,
+                 "finish_reason": _finish(r)}
+                for i, r in enumerate(results)
+            ]
+            kind, prefix = "chat.completion", "chatcmpl"
+        else:
+            choices = [{"index": i, "text": r.answer, "logprobs": None, "finish_reason": _finish(r)}
+                       for i, r in enumerate(results)]
+            kind, prefix = "text_completion", "cmpl"
+        return {
+            "id": new_id(prefix), "object": kind, "created": created, "model": body.model,
+            "choices": choices, "usage": self._usage(results), "ponder": self._ponder(strategy, results),
+        }
+
+    async def _stream_strategy(self, body: OpenAIRequest, strategy: str, task: Task, *,
+                               chat: bool) -> AsyncIterator[str]:
+        """Progress as SSE comments while the runs work, then the answers as chunks."""
+        events: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+        work = asyncio.create_task(self._run_n(body, strategy, task,
+                                               on_event=lambda e, d: events.put_nowait((e, d))))
+        try:
+            while not work.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    event, data = getter.result()
+                    yield f": ponder {json.dumps({'event': event, **_summary(data)}, default=str)}\n\n"
+                else:
+                    getter.cancel()
+            results = work.result()
+        except (StrategyError, BackendError) as exc:
+            status = 400 if isinstance(exc, StrategyError) else exc.status_code
+            yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        finally:
+            if not work.done():  # the client went away: stop the fan-out
+                work.cancel()
+        for chunk in self._chunks(body, strategy, results, chat=chat):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _chunks(self, body: OpenAIRequest, strategy: str, results: list[StrategyResult], *,
+                chat: bool) -> list[dict[str, Any]]:
+        base = {"id": new_id("chatcmpl" if chat else "cmpl"),
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body.model}
+        chunks = []
+        for i, r in enumerate(results):
+            if chat:
+                message = _assistant_message(r)
+                first = {"role": "assistant", "content": ""}
+                chunks.append({**base, "choices": [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}]})
+                delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+                chunks.append({**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                chunks.append({**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish(r)}]})
+            else:
+                chunks.append({**base, "choices": [{"index": i, "text": r.answer, "logprobs": None, "finish_reason": None}]})
+                chunks.append({**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": _finish(r)}]})
+        if body.include_usage:
+            chunks.append({**base, "choices": [], "usage": self._usage(results),
+                           "ponder": self._ponder(strategy, results)})
+        return chunks
+
+
+def _assistant_message(result: StrategyResult) -> dict[str, Any]:
+    message = dict(result.message) if result.message else {}
+    keep = {k: v for k, v in message.items() if k in ("content", "tool_calls", "refusal") and v is not None}
+    return {"role": "assistant", "content": result.answer, **{k: v for k, v in keep.items() if k != "content"}}
+
+
+def _finish(result: StrategyResult) -> str:
+    if result.message and result.message.get("tool_calls"):
+        return "tool_calls"
+    return result.finish_reason or "stop"
+
+
+def _summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Progress events without bulky fields (full texts stay in the trace)."""
+    return {k: v for k, v in data.items() if k not in ("text", "table", "usage")} | (
+        {"leader": data["table"][0]} if data.get("table") else {}
+    )

@@ -1,0 +1,138 @@
+"""Wire models: the OpenAI-compatible requests ponder accepts and its own REST task API.
+
+OpenAI requests allow unknown fields: anything ponder does not interpret (tools,
+response_format, logit_bias, ...) is passed to the backend verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BudgetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_calls: int | None = Field(None, ge=1, description="Backend requests, over all internal calls.")
+    max_tokens: int | None = Field(None, ge=16, description="Prompt + completion tokens, over all internal calls.")
+    deadline_s: float | None = Field(None, gt=0, description="Wall-clock seconds; the best answer so far is returned.")
+
+
+class StrategyFields(BaseModel):
+    """ponder's extension fields, sent by the openai SDK through ``extra_body``."""
+
+    strategy: str | None = None
+    strategy_params: dict[str, Any] | None = None
+    budget: BudgetIn | None = None
+    cache: bool = True
+
+
+class OpenAIRequest(StrategyFields):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(..., min_length=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def passthrough_fields(self) -> dict[str, Any]:
+        """Everything the caller sent except ponder's own extension fields."""
+        return self.model_dump(exclude=set(StrategyFields.model_fields), exclude_unset=True)
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[dict[str, Any]] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ChatCompletionRequest":
+        for i, message in enumerate(self.messages):
+            if not isinstance(message, dict) or "role" not in message:
+                raise ValueError(f"messages[{i}] needs a 'role'")
+        return self
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str] = Field(...)
+
+    @model_validator(mode="after")
+    def _single_prompt(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and len(self.prompt) != 1 and self.strategy:
+            raise ValueError("strategies take one prompt per request")
+        return self
+
+
+# -- REST task API ---------------------------------------------------------------
+
+
+class TaskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    prompt: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TaskIn":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of task.messages or task.prompt")
+        return self
+
+
+class SamplingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+class SolveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskIn
+    strategy: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+    budget: BudgetIn = Field(default_factory=BudgetIn)
+    sampling: SamplingIn = Field(default_factory=SamplingIn)
+    cache: bool = Field(True, description="false: neither read nor write cached critiques/checklists.")
+
+
+class SolveResponse(BaseModel):
+    id: str
+    answer: str
+    strategy: str
+    model: str
+    budget_limited: bool
+    stop_reason: str
+    usage: dict[str, Any]
+    trace: dict[str, Any]
+
+
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class RunOut(BaseModel):
+    id: str
+    status: RunStatus
+    strategy: str
+    created: float
+    result: SolveResponse | None = None
+    error: dict[str, Any] | None = None

@@ -1,0 +1,95 @@
+"""Running strategies for the HTTP surface: one place that turns a request into a
+metered, budgeted, cancellable strategy run. Used by /v1/solve, /v1/runs and the
+OpenAI-compatible proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import Request
+
+from strategies import Budget, StrategyResult, Task, run_strategy
+from strategies.base import EventCallback, parse_params, get_strategy
+
+from .. import metrics
+from ..runtime import Runtime
+from .errors import APIError
+from .protocol import BudgetIn, SolveRequest, SolveResponse
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class StrategyRunner:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+
+    async def model_for(self, requested: str | None) -> str:
+        return requested or await self.runtime.backend.default_model()
+
+    def budget(self, given: BudgetIn | None) -> Budget:
+        given = given or BudgetIn()
+        return self.settings.budget(max_calls=given.max_calls, max_tokens=given.max_tokens,
+                                    deadline_s=given.deadline_s)
+
+    def validate(self, strategy: str, params: dict[str, Any] | None) -> None:
+        """Fail fast (4xx) before any work starts or a 202 is sent."""
+        parse_params(get_strategy(strategy), params, self.settings.limits)
+
+    async def run(self, strategy: str, task: Task, *, params: dict[str, Any] | None, budget: Budget,
+                  use_cache: bool = True, on_event: EventCallback | None = None) -> StrategyResult:
+        with metrics.track_strategy(strategy):
+            result = await run_strategy(
+                strategy, task, self.runtime.backend, params=params, cache=self.runtime.cache, budget=budget,
+                limits=self.settings.limits, on_event=on_event, use_cache=use_cache, model_id=task.model or "",
+            )
+        metrics.record_usage(strategy, result.usage)
+        return result
+
+    async def solve(self, body: SolveRequest, *, on_event: EventCallback | None = None,
+                    run_id: str | None = None) -> SolveResponse:
+        model = await self.model_for(body.model)
+        sampling = body.sampling
+        task = Task(
+            messages=tuple(body.task.messages) if body.task.messages else None,
+            prompt=body.task.prompt,
+            model=model,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=min(sampling.max_tokens or self.settings.max_tokens_per_sample_default,
+                           self.settings.max_total_tokens),
+            stop=tuple(sampling.stop),
+        )
+        result = await self.run(body.strategy, task, params=body.params, budget=self.budget(body.budget),
+                                use_cache=body.cache, on_event=on_event)
+        return SolveResponse(id=run_id or new_id("solve"), model=model, **result.as_dict())
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T], poll_s: float = 0.25) -> T:
+    """Run ``work``; if the client goes away first, cancel it (and its backend requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not task.done():
+            if await request.is_disconnected():
+                metrics.CLIENT_DISCONNECTS.inc()
+                task.cancel()
+                return
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            task.cancel()
+        raise APIError(499, "client closed the request") from None
+    finally:
+        watcher.cancel()
+

@@ -1,0 +1,84 @@
+"""FastAPI app factory. The lifespan starts the runtime (backend or embedded engine,
+cache) unless one is handed in, as tests and the CLI do."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+from starlette.routing import Match
+
+from . import metrics
+from .api import health, routes
+from .api.errors import install_error_handlers
+from .api.openai_serving import OpenAIServing
+from .api.runs import RunManager
+from .api.serving import StrategyRunner
+from .config import Settings
+from .runtime import Runtime
+
+log = logging.getLogger("ponder")
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or (runtime.settings if runtime else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = runtime is None
+        rt = runtime or await Runtime.start(settings)
+        runner = StrategyRunner(rt)
+        app.state.runtime = rt
+        app.state.runner = runner
+        app.state.openai = OpenAIServing(runner)
+        app.state.runs = RunManager(runner, rt.cache)
+        try:
+            yield
+        finally:
+            await app.state.runs.aclose()
+            if owned:
+                await rt.stop()
+
+    app = FastAPI(title="ponder", version="0.1.0", lifespan=lifespan,
+                  description="Inference-time search and self-refinement in front of vLLM.")
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(routes.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        route = _route_template(request)
+        if route in ("/metrics",):
+            return await call_next(request)
+        metrics.IN_FLIGHT.labels(route).inc()
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.IN_FLIGHT.labels(route).dec()
+            strategy = getattr(request.state, "strategy", "") or ""
+            metrics.REQUESTS.labels(route, strategy, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route, strategy).observe(time.perf_counter() - started)
+
+    return app
+
+
+def _route_template(request: Request) -> str:
+    """The matched route path (``/v1/runs/{run_id}``), so labels stay low-cardinality."""
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"

@@ -1,0 +1,105 @@
+"""All settings, from ``PONDER_*`` environment variables (see README, Configuration)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from strategies.base import Budget, Limits
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PONDER_", env_file=None, extra="ignore")
+
+    # -- serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    api_keys: str = Field("", description="Comma-separated bearer keys; empty = no auth.")
+
+    # -- backends
+    backend_urls: str = Field("", description="Comma-separated vLLM/OpenAI base URLs; empty = embedded engine.")
+    backend_api_key: str | None = None
+    model: str | None = Field(None, description="Default model id; empty = the backend's first model.")
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 300.0
+    backend_max_retries: int = 3
+    backend_max_concurrency: int = 256
+    backend_supports_seed: bool = True
+
+    # -- embedded engine (used when backend_urls is empty)
+    model_cache_dir: Path | None = None
+    engine_port: int = 0
+    engine_max_model_len: int = 2048
+    engine_startup_timeout_s: float = 600.0
+    engine_extra_args: str = ""
+    served_model_name: str = "gemma-3-270m"
+
+    # -- cache
+    redis_url: str | None = Field(None, description="redis://host:port/db; empty = in-process cache.")
+    cache_max_entries: int = 10_000
+    cache_ttl_checklist_s: float = 7 * 24 * 3600
+    cache_ttl_critique_s: float = 24 * 3600
+    cache_ttl_judgment_s: float = 24 * 3600
+    cache_ttl_run_s: float = 3600
+    redis_socket_timeout_s: float = 0.25
+    redis_lock_ms: int = 30_000
+    redis_lock_wait_s: float = 5.0
+    redis_breaker_failures: int = 5
+    redis_breaker_reset_s: float = 10.0
+
+    # -- limits on amplification, per request
+    max_n: int = 8
+    max_samples: int = 64
+    max_rounds: int = 8
+    max_depth: int = 8
+    max_simulations: int = 64
+    max_branching: int = 8
+    max_total_tokens: int = 200_000
+    max_backend_calls: int = 512
+    default_deadline_s: float = 300.0
+    max_deadline_s: float = 1800.0
+    max_tokens_per_sample_default: int = 512
+
+    @cached_property
+    def backend_url_list(self) -> list[str]:
+        return _split(self.backend_urls)
+
+    @cached_property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(_split(self.api_keys))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            samples=self.max_samples,
+            rounds=self.max_rounds,
+            depth=self.max_depth,
+            simulations=self.max_simulations,
+            branching=self.max_branching,
+        )
+
+    def budget(
+        self, *, max_calls: int | None = None, max_tokens: int | None = None, deadline_s: float | None = None
+    ) -> Budget:
+        """The caller's budget, clamped to this server's ceilings."""
+        return Budget(
+            max_calls=min(max_calls or self.max_backend_calls, self.max_backend_calls),
+            max_tokens=min(max_tokens or self.max_total_tokens, self.max_total_tokens),
+            deadline_s=min(deadline_s or self.default_deadline_s, self.max_deadline_s),
+        )
+
+    def cache_ttls(self) -> dict[str, float]:
+        return {
+            "checklist": self.cache_ttl_checklist_s,
+            "critique": self.cache_ttl_critique_s,
+            "judgment": self.cache_ttl_judgment_s,
+            "run": self.cache_ttl_run_s,
+        }

@@ -1,0 +1,139 @@
+"""Checklist Best-of-N (TICK/STICK, Cook et al., 2024).
+
+The model writes a checklist of YES/NO requirement questions for the instruction
+(parsed, capped, cached per model + instruction). N candidates are drawn in one
+``n=N`` request *while* the checklist is written. Every candidate is judged on every
+item, all N×K judgments at once (each cached by content). A candidate's score is
+the weighted share of YES; the best score wins, ties going to the earliest sample.
+``refine: true`` (STICK) rewrites the winner using its failed items as feedback,
+re-judges it, and keeps it only if it scores strictly higher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import Field, model_validator
+
+from . import prompts
+from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, register
+from .protocol import Choice
+
+
+class ChecklistBoNParams(StrategyParams):
+    n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
+    temperature: float = Field(0.8, ge=0, le=2)
+    max_items: int = Field(8, ge=1, le=32, description="Checklist length cap.")
+    checklist: list[str] | None = Field(None, description="Use these items instead of generating a checklist.")
+    item_weights: list[float] | None = Field(None, description="One non-negative weight per item.")
+    refine: bool = False
+    checklist_max_tokens: int = Field(384, ge=32, le=4096)
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "ChecklistBoNParams":
+        if self.item_weights is not None:
+            if any(w < 0 for w in self.item_weights) or not any(w > 0 for w in self.item_weights):
+                raise ValueError("item_weights must be non-negative with at least one positive")
+            if self.checklist is not None and len(self.item_weights) != len(self.checklist):
+                raise ValueError("item_weights needs one weight per checklist item")
+        if self.checklist is not None and not [i for i in self.checklist if i.strip()]:
+            raise ValueError("checklist must hold at least one item")
+        return self
+
+
+@register
+class ChecklistBestOfN(Strategy):
+    name = "checklist-bon"
+    description = "Sample N candidates, judge each against a generated YES/NO checklist, return the best."
+    Params = ChecklistBoNParams
+
+    async def run(self, ctx: RunContext, params: ChecklistBoNParams) -> Candidate:
+        checklist, candidates = await asyncio.gather(
+            self._checklist(ctx, params),
+            ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature)),
+        )
+        ctx.propose(candidates[0])
+        weights = self._weights(params, checklist)
+        ctx.trace["checklist"] = [{"item": item, "weight": w} for item, w in zip(checklist, weights)]
+        ctx.emit("checklist", items=checklist)
+        verdicts = await self._judge_all(ctx, [c.text for c in candidates], checklist)
+        scores = [self._score(row, weights) for row in verdicts]
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        ctx.propose(candidates[best], score=scores[best])
+        ctx.trace["candidates"] = [
+            {"text": c.text, "verdicts": row, "score": round(s, 4)} for c, row, s in zip(candidates, verdicts, scores)
+        ]
+        ctx.trace["chosen"] = best
+        ctx.emit("verdicts", scores=[round(s, 4) for s in scores], chosen=best)
+        winner: Choice = candidates[best]
+        if params.refine and scores[best] < 1.0:
+            winner = await self._refine(ctx, params, winner, verdicts[best], scores[best], checklist, weights)
+        return Candidate.of(winner)
+
+    async def _checklist(self, ctx: RunContext, params: ChecklistBoNParams) -> list[str]:
+        if params.checklist is not None:
+            return [item.strip() for item in params.checklist if item.strip()][: params.max_items]
+        prompt = prompts.CHECKLIST.format(task=ctx.task.instruction, max_items=params.max_items)
+
+        async def write() -> list[str]:
+            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0,
+                                                              max_tokens=params.checklist_max_tokens))
+            return prompts.parse_checklist(choice.text, params.max_items)
+
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.instruction, params.max_items,
+                        params.checklist_max_tokens)
+        items = await ctx.cached("checklist", key, write)
+        # A model that writes no parseable checklist still gets judged on the instruction itself.
+        return items or [f"Does the response fully follow the instruction: {ctx.task.instruction[:300]}?"]
+
+    @staticmethod
+    def _weights(params: ChecklistBoNParams, checklist: list[str]) -> list[float]:
+        if params.item_weights is None:
+            return [1.0] * len(checklist)
+        if len(params.item_weights) != len(checklist):
+            raise StrategyError(
+                f"item_weights has {len(params.item_weights)} weights for {len(checklist)} checklist items",
+                field="item_weights",
+            )
+        return list(params.item_weights)
+
+    async def _judge_all(self, ctx: RunContext, texts: list[str], checklist: list[str]) -> list[list[bool | None]]:
+        """All candidate × item verdicts, cached ones reused, the rest in one concurrent batch."""
+        pairs = [(t, item) for t in texts for item in checklist]
+        keys = [cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.instruction, item, text)
+                for text, item in pairs]
+
+        async def judge(text: str, item: str) -> str:
+            prompt = prompts.JUDGE_ITEM.format(task=ctx.task.instruction, response=text, item=item)
+            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=3))
+            return choice.text
+
+        replies = await asyncio.gather(*(
+            ctx.cached("judgment", key, lambda t=text, i=item: judge(t, i)) for key, (text, item) in zip(keys, pairs)
+        ))
+        verdicts = [prompts.parse_yes_no(r) for r in replies]
+        width = len(checklist)
+        return [verdicts[i * width:(i + 1) * width] for i in range(len(texts))]
+
+    @staticmethod
+    def _score(row: list[bool | None], weights: list[float]) -> float:
+        """Weighted share of YES; an unparseable verdict counts as NO."""
+        return sum(w for v, w in zip(row, weights) if v) / sum(weights)
+
+    async def _refine(self, ctx: RunContext, params: ChecklistBoNParams, winner: Choice, row: list[bool | None],
+                      score: float, checklist: list[str], weights: list[float]) -> Choice:
+        failed = [item for item, verdict in zip(checklist, row) if not verdict]
+        feedback = "The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
+        prompt = prompts.REFINE.format(task=ctx.task.instruction, response=winner.text, feedback=feedback)
+        task = ctx.task
+        (rewrite,) = await ctx.sample(task.aux_request(prompt, temperature=params.temperature,
+                                                       max_tokens=task.max_tokens or 512, stop=task.stop))
+        (new_row,) = await self._judge_all(ctx, [rewrite.text], checklist)
+        new_score = self._score(new_row, weights)
+        kept = new_score > score
+        ctx.trace["refine"] = {"text": rewrite.text, "verdicts": new_row, "score": round(new_score, 4), "kept": kept}
+        ctx.emit("refine", score=round(new_score, 4), kept=kept)
+        if kept:
+            ctx.propose(rewrite, score=new_score)
+            return rewrite
+        return winner

@@ -1,0 +1,24 @@
+"""``none``: one plain generation, so every strategy and the baseline share one path."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import Candidate, RunContext, Strategy, StrategyParams, register
+
+
+class PassthroughParams(StrategyParams):
+    temperature: float | None = Field(None, ge=0, le=2, description="Overrides the task's temperature.")
+
+
+@register
+class Passthrough(Strategy):
+    name = "none"
+    description = "A single generation with the caller's settings (the baseline)."
+    Params = PassthroughParams
+
+    async def run(self, ctx: RunContext, params: PassthroughParams) -> Candidate:
+        overrides = {} if params.temperature is None else {"temperature": params.temperature}
+        (choice,) = await ctx.sample(ctx.task.sample_request(n=1, default_temperature=0.0, **overrides))
+        ctx.trace["samples"] = [choice.text]
+        return Candidate.of(choice)

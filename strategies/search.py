@@ -1,0 +1,164 @@
+"""Generic Monte Carlo Tree Search over any state space: no prompts, no models.
+
+A ``SearchProblem`` says how to expand a state into children and how to value
+states (rewards in [0, 1]). Each simulation selects a leaf by UCT, expands it,
+values all its new children in one batch (the problem issues that work
+concurrently), and backs the best child value up the path. Final choices follow
+the values: ``best_path`` descends by mean value, ``best_node`` is the highest
+mean value anywhere in the tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
+
+S = TypeVar("S")
+
+
+class SearchProblem(Protocol[S]):
+    async def expand(self, state: S) -> Sequence[S]:
+        """Children of ``state`` (may be empty: a dead end)."""
+        ...
+
+    async def evaluate(self, states: Sequence[S]) -> Sequence[float]:
+        """Values in [0, 1] for a batch of states."""
+        ...
+
+    def is_terminal(self, state: S) -> bool: ...
+
+
+@dataclass(eq=False)
+class Node(Generic[S]):
+    state: S
+    parent: "Node[S] | None" = None
+    depth: int = 0
+    children: list["Node[S]"] = field(default_factory=list)
+    visits: int = 0
+    value_sum: float = 0.0
+    value: float | None = None
+    """The state's own evaluated value."""
+    expanded: bool = False
+    terminal: bool = False
+    exhausted: bool = False
+    """Every node below is terminal or a dead end: selection skips it."""
+    index: int = 0
+
+    @property
+    def q(self) -> float:
+        return self.value_sum / self.visits if self.visits else 0.0
+
+    def walk(self) -> Iterator["Node[S]"]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def uct(child: Node[Any], parent_visits: int, exploration: float) -> float:
+    if child.visits == 0:
+        return math.inf
+    return child.q + exploration * math.sqrt(math.log(parent_visits) / child.visits)
+
+
+class MCTS(Generic[S]):
+    def __init__(self, problem: SearchProblem[S], *, exploration: float = 1.0, max_depth: int = 8,
+                 on_expand: Callable[[Node[S]], None] | None = None) -> None:
+        self.problem = problem
+        self.exploration = exploration
+        self.max_depth = max_depth
+        self.on_expand = on_expand
+        self._count = 0
+
+    def new_root(self, state: S, value: float | None = None) -> Node[S]:
+        root = Node(state, terminal=self.problem.is_terminal(state))
+        if value is not None:
+            root.value, root.visits, root.value_sum = value, 1, value
+        return root
+
+    async def search(self, root: Node[S], simulations: int,
+                     after_simulation: Callable[[Node[S]], None] | None = None) -> Node[S]:
+        for _ in range(simulations):
+            leaf = self.select(root)
+            if leaf is None:  # the whole tree is explored
+                break
+            await self.expand(leaf)
+            if after_simulation is not None:
+                after_simulation(root)
+        return root
+
+    def select(self, root: Node[S]) -> Node[S] | None:
+        """Descend by UCT to a node that can still be expanded."""
+        node = root
+        while node.expanded:
+            open_children = [c for c in node.children if self._expandable(c)]
+            if not open_children:
+                node.exhausted = True
+                if node is root:
+                    return None
+                node = root
+                continue
+            parent_visits = max(node.visits, 1)
+            node = max(open_children, key=lambda c: uct(c, parent_visits, self.exploration))
+        return node
+
+    @staticmethod
+    def _expandable(node: Node[S]) -> bool:
+        return not node.terminal and not node.exhausted and (not node.expanded or bool(node.children))
+
+    async def expand(self, leaf: Node[S]) -> None:
+        leaf.expanded = True
+        if leaf.terminal or leaf.depth >= self.max_depth:
+            leaf.terminal = True
+            self.backpropagate(leaf, leaf.value if leaf.value is not None else 0.0)
+            return
+        states = list(await self.problem.expand(leaf.state))
+        if not states:
+            leaf.terminal = True
+            self.backpropagate(leaf, leaf.value if leaf.value is not None else 0.0)
+            return
+        values = await self.problem.evaluate(states)
+        for state, value in zip(states, values):
+            self._count += 1
+            child = Node(state, parent=leaf, depth=leaf.depth + 1, value=value, visits=1, value_sum=value,
+                         terminal=self.problem.is_terminal(state) or leaf.depth + 1 >= self.max_depth,
+                         index=self._count)
+            leaf.children.append(child)
+        if self.on_expand is not None:
+            self.on_expand(leaf)
+        self.backpropagate(leaf, max(values))
+
+    @staticmethod
+    def backpropagate(node: Node[S], reward: float) -> None:
+        current: Node[S] | None = node
+        while current is not None:
+            current.visits += 1
+            current.value_sum += reward
+            current = current.parent
+
+    @staticmethod
+    def best_path(root: Node[S]) -> list[Node[S]]:
+        """Greedy descent by mean value (ties: more visits, then earlier child)."""
+        path = [root]
+        while path[-1].children:
+            path.append(max(path[-1].children, key=lambda c: (c.q, c.visits, -c.index)))
+        return path
+
+    @staticmethod
+    def best_node(root: Node[S], accept: Callable[[Node[S]], bool] = lambda n: True) -> Node[S]:
+        """Highest mean value in the tree among accepted nodes (ties: earlier)."""
+        nodes = [n for n in root.walk() if accept(n)] or [root]
+        return max(nodes, key=lambda n: (n.q, -n.index))
+
+
+def tree_trace(root: Node[Any], describe: Callable[[Any], Any]) -> dict[str, Any]:
+    """The tree as nested dicts for the run trace."""
+    return {
+        "id": root.index,
+        "state": describe(root.state),
+        "visits": root.visits,
+        "q": round(root.q, 4),
+        "value": None if root.value is None else round(root.value, 4),
+        "terminal": root.terminal,
+        "children": [tree_trace(child, describe) for child in root.children],
+    }

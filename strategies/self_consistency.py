@@ -1,0 +1,160 @@
+"""Self-consistency (Wang et al., 2022): sample k reasoning paths, majority-vote the answers.
+
+- Samples of the one prompt go out as ``n=k`` requests (split above ``n_per_request``),
+  all at once.
+- Votes count extracted answers (``answers.extract_answer``); samples without an
+  answer do not vote. ``weighting: logprob`` weighs each vote by exp(mean token logprob).
+- Tie-break: the larger vote weight, then the answer first seen earliest.
+- ``adaptive`` (Adaptive-Consistency, Aggarwal et al., 2023) samples in waves and stops
+  once the leader cannot be overtaken by the samples left, or the Beta posterior
+  probability that the leader beats the runner-up passes ``confidence``.
+- ``aggregate: llm`` (Universal Self-Consistency, Chen et al., 2023) asks the model which
+  sample is most consistent with the others, for free-form answers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from . import prompts
+from .answers import AnswerFormat, extract_answer
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .protocol import Choice
+
+
+class SelfConsistencyParams(StrategyParams):
+    k: int = Field(8, ge=1, le=256, description="Samples to draw (the maximum, in adaptive mode).",
+                   json_schema_extra={"limit": "samples"})
+    temperature: float = Field(0.7, ge=0, le=2)
+    answer_format: AnswerFormat = "auto"
+    weighting: Literal["none", "logprob"] = "none"
+    adaptive: bool = False
+    wave_size: int = Field(4, ge=1, le=64, description="Samples per wave in adaptive mode.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Adaptive stop: P(leader beats runner-up).")
+    aggregate: Literal["vote", "llm"] = "vote"
+    n_per_request: int = Field(16, ge=1, le=128, description="Split n above this into several requests.")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "SelfConsistencyParams":
+        if self.aggregate == "llm" and self.adaptive:
+            raise ValueError("aggregate=llm and adaptive cannot be combined")
+        return self
+
+
+@dataclass
+class Tally:
+    """Vote table: answer -> count/weight/sample indices, in first-seen order."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, answer: str | None, weight: float, index: int) -> None:
+        if answer is None:
+            return
+        row = self.rows.setdefault(answer, {"answer": answer, "votes": 0, "weight": 0.0, "samples": []})
+        row["votes"] += 1
+        row["weight"] += weight
+        row["samples"].append(index)
+
+    def ranked(self) -> list[dict]:
+        # Stable sort keeps first-seen order among equal weights: the stated tie-break.
+        return sorted(self.rows.values(), key=lambda r: r["weight"], reverse=True)
+
+    def table(self) -> list[dict]:
+        return [{**r, "weight": round(r["weight"], 4)} for r in self.ranked()]
+
+
+def prob_leader_ahead(leader: int, runner_up: int) -> float:
+    """P(p_leader > p_runner_up) under a uniform prior: P(X > 1/2), X ~ Beta(a+1, b+1).
+
+    For integer parameters I_x(a, b) = P(Binomial(a+b-1, x) >= a), so the answer is a
+    binomial tail sum — exact, no SciPy.
+    """
+    a, b = leader + 1, runner_up + 1
+    n = a + b - 1
+    return sum(math.comb(n, j) for j in range(a)) / 2**n
+
+
+def should_stop(tally: Tally, drawn: int, k: int, confidence: float) -> tuple[bool, str]:
+    ranked = tally.ranked()
+    if not ranked:
+        return False, ""
+    leader = ranked[0]["votes"]
+    runner_up = ranked[1]["votes"] if len(ranked) > 1 else 0
+    if leader - runner_up > k - drawn:
+        return True, "leader cannot be overtaken"
+    if prob_leader_ahead(leader, runner_up) >= confidence:
+        return True, f"P(leader ahead) >= {confidence}"
+    return False, ""
+
+
+@register
+class SelfConsistency(Strategy):
+    name = "self-consistency"
+    description = "Sample k answers in one batched request and return the majority answer."
+    Params = SelfConsistencyParams
+
+    async def run(self, ctx: RunContext, params: SelfConsistencyParams) -> Candidate:
+        samples: list[Choice] = []
+        tally = Tally()
+        ctx.trace.update({"samples": [], "adaptive": params.adaptive})
+        wave = params.wave_size if params.adaptive else params.k
+        stop_reason = "k samples drawn"
+        while len(samples) < params.k:
+            count = min(wave, params.k - len(samples))
+            new = await self._draw(ctx, params, count)
+            for choice in new:
+                index = len(samples)
+                samples.append(choice)
+                answer = extract_answer(choice.text, params.answer_format)
+                weight = math.exp(choice.mean_logprob) if params.weighting == "logprob" and choice.mean_logprob is not None else 1.0
+                tally.add(answer, weight, index)
+                ctx.trace["samples"].append({"text": choice.text, "answer": answer, "weight": round(weight, 4)})
+            ctx.emit("votes", drawn=len(samples), table=tally.table())
+            ctx.propose(self._winner(samples, tally))
+            if params.adaptive:
+                stop, why = should_stop(tally, len(samples), params.k, params.confidence)
+                if stop:
+                    stop_reason = why
+                    break
+        ctx.trace.update({"votes": tally.table(), "samples_used": len(samples), "stop": stop_reason})
+        if params.aggregate == "llm" and len(samples) > 1:
+            return await self._select_consistent(ctx, samples)
+        return self._winner(samples, tally)
+
+    async def _draw(self, ctx: RunContext, params: SelfConsistencyParams, count: int) -> list[Choice]:
+        sizes = [min(params.n_per_request, count - i) for i in range(0, count, params.n_per_request)]
+        requests = [
+            ctx.task.sample_request(n=size, temperature=params.temperature, logprobs=params.weighting == "logprob")
+            for size in sizes
+        ]
+        generations = await ctx.generate(requests)
+        return [choice for generation in generations for choice in generation.choices]
+
+    @staticmethod
+    def _winner(samples: list[Choice], tally: Tally) -> Candidate:
+        ranked = tally.ranked()
+        if not ranked:
+            return Candidate.of(samples[0])
+        members = ranked[0]["samples"]
+        # Representative: the most confident sample among the winners (first on ties).
+        best = max(members, key=lambda i: samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0)
+        return Candidate.of(samples[best])
+
+    async def _select_consistent(self, ctx: RunContext, samples: list[Choice]) -> Candidate:
+        texts = [s.text for s in samples]
+        prompt = prompts.SELECT_CONSISTENT.format(task=ctx.task.instruction, responses=prompts.render_responses(texts))
+
+        async def judge() -> str:
+            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8))
+            return choice.text
+
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "usc", ctx.task.instruction, texts)
+        reply = await ctx.cached("judgment", key, judge)
+        index = prompts.parse_choice_number(reply, len(samples))
+        ctx.trace["usc"] = {"reply": reply, "selected": index}
+        ctx.emit("selected", index=index)
+        return Candidate.of(samples[index if index is not None else 0])

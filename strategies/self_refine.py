@@ -1,0 +1,118 @@
+"""Self-Refine (Madaan et al., 2023): draft -> feedback -> refine, repeated.
+
+Feedback is structured (score, issues, DONE/REVISE) and parsed leniently. A chain
+stops on DONE, on reaching ``stop_score``, when a refinement changes nothing, or
+after ``max_rounds``. Every version is scored, and the run returns the best-scored
+version seen: a later version replaces an earlier one only with a strictly higher
+score, because self-correction without outside signal often makes answers worse
+(Huang et al., 2023). ``chains`` runs independent chains concurrently, their drafts
+drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import Field
+
+from . import prompts
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .protocol import Choice
+
+
+class SelfRefineParams(StrategyParams):
+    max_rounds: int = Field(3, ge=1, le=32, description="Refinements per chain.", json_schema_extra={"limit": "rounds"})
+    stop_score: float = Field(9, ge=0, le=10, description="Stop once feedback scores a version at least this (0-10).")
+    chains: int = Field(1, ge=1, le=32, description="Independent chains run concurrently.",
+                        json_schema_extra={"limit": "branching"})
+    temperature: float = Field(0.7, ge=0, le=2, description="Drafting and refining temperature.")
+    feedback_temperature: float = Field(0.0, ge=0, le=2)
+    feedback_max_tokens: int = Field(256, ge=16, le=4096)
+
+
+class Version:
+    """One version of the answer in a chain, with its feedback."""
+
+    def __init__(self, choice: Choice, round_: int) -> None:
+        self.choice = choice
+        self.round = round_
+        self.feedback: prompts.Feedback | None = None
+
+    @property
+    def score(self) -> float:
+        score = self.feedback.score if self.feedback else None
+        return -1.0 if score is None else score
+
+    def as_trace(self) -> dict:
+        fb = self.feedback
+        return {
+            "round": self.round,
+            "text": self.choice.text,
+            "score": None if fb is None or fb.score is None else round(fb.score * 10, 2),
+            "issues": fb.issues if fb else [],
+            "done": fb.done if fb else False,
+        }
+
+
+@register
+class SelfRefine(Strategy):
+    name = "self-refine"
+    description = "Draft, get structured feedback, refine; return the best-scored version."
+    Params = SelfRefineParams
+
+    async def run(self, ctx: RunContext, params: SelfRefineParams) -> Candidate:
+        drafts = await ctx.sample(ctx.task.sample_request(n=params.chains, temperature=params.temperature))
+        ctx.propose(drafts[0])
+        ctx.trace["chains"] = [[] for _ in drafts]
+        bests = await asyncio.gather(*(self._chain(ctx, params, i, d) for i, d in enumerate(drafts)))
+        best = max(bests, key=lambda v: v.score)  # first chain wins ties
+        ctx.trace["best"] = {"chain": bests.index(best), "round": best.round, "score": best.as_trace()["score"]}
+        return Candidate.of(best.choice)
+
+    async def _chain(self, ctx: RunContext, params: SelfRefineParams, chain: int, draft: Choice) -> Version:
+        history: list[dict] = ctx.trace["chains"][chain]
+        current = best = Version(draft, 0)
+        stop_at = params.stop_score / 10
+        for round_ in range(params.max_rounds + 1):
+            current.feedback = await self._feedback(ctx, params, current.choice.text)
+            history.append(current.as_trace())
+            ctx.emit("critique", chain=chain, **history[-1])
+            if current.score > best.score:
+                best = current
+            ctx.propose(best.choice, score=best.score)
+            if current.feedback.done or current.score >= stop_at:
+                history[-1]["stop"] = "done" if current.feedback.done else "score threshold"
+                break
+            if round_ == params.max_rounds:
+                history[-1]["stop"] = "max rounds"
+                break
+            refined = await self._refine(ctx, params, current)
+            if refined.text.strip() == current.choice.text.strip():
+                history[-1]["stop"] = "no change"
+                break
+            current = Version(refined, round_ + 1)
+        return best
+
+    async def _feedback(self, ctx: RunContext, params: SelfRefineParams, response: str) -> prompts.Feedback:
+        prompt = prompts.FEEDBACK.format(task=ctx.task.instruction, response=response)
+        request = ctx.task.aux_request(prompt, temperature=params.feedback_temperature,
+                                       max_tokens=params.feedback_max_tokens)
+
+        async def critique() -> str:
+            (choice,) = await ctx.sample(request)
+            return choice.text
+
+        if params.feedback_temperature > 0:  # sampled critiques are never served from cache
+            return prompts.parse_feedback(await critique())
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "self-refine/feedback", ctx.task.instruction,
+                        response, params.feedback_max_tokens)
+        return prompts.parse_feedback(await ctx.cached("critique", key, critique))
+
+    async def _refine(self, ctx: RunContext, params: SelfRefineParams, version: Version) -> Choice:
+        feedback = version.feedback
+        issues = "\n".join(f"- {issue}" for issue in feedback.issues) or feedback.text
+        prompt = prompts.REFINE.format(task=ctx.task.instruction, response=version.choice.text, feedback=issues)
+        request = ctx.task.aux_request(prompt, temperature=params.temperature,
+                                       max_tokens=ctx.task.max_tokens or 512, stop=ctx.task.stop)
+        (choice,) = await ctx.sample(request)
+        return choice

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import httpx
 
+from strategies.base import gather_or_cancel
 from strategies.protocol import Choice, Generation, GenerationRequest
 
 log = logging.getLogger("ponder.backend")
@@ -121,7 +122,9 @@ class HTTPBackend:
 
     def _pick(self, exclude: set[int]) -> Endpoint:
         candidates = [e for i, e in enumerate(self.endpoints) if i not in exclude] or self.endpoints
-        healthy = [e for e in candidates if e.healthy]
+        # Prefer an untried healthy endpoint, then any healthy one (a retry after a 429
+        # goes back to a live endpoint rather than to one known to be down).
+        healthy = [e for e in candidates if e.healthy] or [e for e in self.endpoints if e.healthy]
         if healthy:
             return min(healthy, key=lambda e: e.in_flight)
         # None healthy: probe the one that comes back soonest.
@@ -210,7 +213,7 @@ class HTTPBackend:
     # -- the generation protocol -------------------------------------------------
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+        return await gather_or_cancel(*(self._generate_one(r) for r in requests))
 
     async def _generate_one(self, request: GenerationRequest) -> Generation:
         body = await self.request_body(request)

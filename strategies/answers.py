@@ -20,8 +20,13 @@ _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _HASHES_RE = re.compile(r"####\s*(" + _NUMBER + ")")
 _ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*[:\s]*\(?([^\n]*)", re.IGNORECASE)
-_CHOICE_MARK_RE = re.compile(r"(?:answer\s*(?:is|:)\s*|^\s*)\(?([A-J])\)?(?:[.):\s]|$)", re.IGNORECASE | re.MULTILINE)
+# After "answer is": a letter. At a line start: only a letter standing alone or as "(B)", "B.", "B)", "B:",
+# so a line opening with the words "I ..." or "A ..." is not read as a choice.
+_CHOICE_MARK_RE = re.compile(
+    r"answer\s*(?:is|:)\s*\(?([A-J])\)?(?:[.):\s]|$)|^\s*\(?([A-J])\)?(?:[.):]|\s*$)", re.IGNORECASE | re.MULTILINE
+)
 _CHOICE_LAST_RE = re.compile(r"\b([A-J])\b")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
 def _boxed(text: str) -> str | None:
@@ -65,6 +70,7 @@ def _numeric(text: str) -> str | None:
         return normalize_number(hashes.group(1))
     boxed = _boxed(text)
     if boxed is not None:
+        boxed = _FRAC_RE.sub(r"\1/\2", boxed)  # \frac{3}{4} -> 3/4, not "3"
         number = _NUMBER_RE.search(boxed)
         return normalize_number(number.group(0)) if number else normalize_text(boxed) or None
     said = _ANSWER_IS_RE.findall(text)
@@ -77,7 +83,7 @@ def _numeric(text: str) -> str | None:
 
 
 def _choice(text: str) -> str | None:
-    marked = _CHOICE_MARK_RE.findall(text)
+    marked = [after_answer or line_start for after_answer, line_start in _CHOICE_MARK_RE.findall(text)]
     if marked:
         return marked[-1].upper()
     letters = _CHOICE_LAST_RE.findall(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -368,6 +367,14 @@ async def run_strategy(
     return result
 
 
-def finite_mean(values: Sequence[float]) -> float:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
+async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
+    """Like ``asyncio.gather``, but the first failure cancels the siblings before it is
+    raised, so a budget stop or backend error leaves no work running behind the answer."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

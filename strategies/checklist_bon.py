@@ -11,12 +11,10 @@ re-judges it, and keeps it only if it scores strictly higher.
 
 from __future__ import annotations
 
-import asyncio
-
 from pydantic import Field, model_validator
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, register
+from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register
 from .protocol import Choice
 
 
@@ -48,7 +46,7 @@ class ChecklistBestOfN(Strategy):
     Params = ChecklistBoNParams
 
     async def run(self, ctx: RunContext, params: ChecklistBoNParams) -> Candidate:
-        checklist, candidates = await asyncio.gather(
+        checklist, candidates = await gather_or_cancel(
             self._checklist(ctx, params),
             ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature)),
         )
@@ -108,7 +106,7 @@ class ChecklistBestOfN(Strategy):
             (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=3))
             return choice.text
 
-        replies = await asyncio.gather(*(
+        replies = await gather_or_cancel(*(
             ctx.cached("judgment", key, lambda t=text, i=item: judge(t, i)) for key, (text, item) in zip(keys, pairs)
         ))
         verdicts = [prompts.parse_yes_no(r) for r in replies]

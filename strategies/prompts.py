@@ -164,11 +164,14 @@ def parse_checklist(text: str, max_items: int, *, numbered_from: int = 1) -> lis
         if not match:
             continue
         item = match.group(1).strip()
-        key = item.lower()
-        if len(item) < 8 or key in seen:
+        if len(item) < 8:
+            continue
+        item = item if item.endswith("?") else item + "?"
+        key = item.lower()  # after adding "?", so "X" and "X?" are one item
+        if key in seen:
             continue
         seen.add(key)
-        items.append(item if item.endswith("?") else item + "?")
+        items.append(item)
         if len(items) == max_items:
             break
     return items

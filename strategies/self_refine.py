@@ -11,12 +11,10 @@ drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by conten
 
 from __future__ import annotations
 
-import asyncio
-
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register
 from .protocol import Choice
 
 
@@ -64,7 +62,7 @@ class SelfRefine(Strategy):
         drafts = await ctx.sample(ctx.task.sample_request(n=params.chains, temperature=params.temperature))
         ctx.propose(drafts[0])
         ctx.trace["chains"] = [[] for _ in drafts]
-        bests = await asyncio.gather(*(self._chain(ctx, params, i, d) for i, d in enumerate(drafts)))
+        bests = await gather_or_cancel(*(self._chain(ctx, params, i, d) for i, d in enumerate(drafts)))
         best = max(bests, key=lambda v: v.score)  # first chain wins ties
         ctx.trace["best"] = {"chain": bests.index(best), "round": best.round, "score": best.as_trace()["score"]}
         return Candidate.of(best.choice)

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from strategies import StrategyResult, Task, strategies
-from strategies.base import StrategyError
+from strategies.base import StrategyError, gather_or_cancel
 
 from ..backends import BackendError
 from .errors import error_body
@@ -104,11 +104,11 @@ class OpenAIServing:
 
     async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, on_event=None) -> list[StrategyResult]:
         budget = self.runner.budget(body.budget)
-        return list(await asyncio.gather(*(
+        return await gather_or_cancel(*(
             self.runner.run(strategy, task, params=body.strategy_params, budget=budget, use_cache=body.cache,
                             on_event=on_event)
             for _ in range(body.n)
-        )))
+        ))
 
     @staticmethod
     def _usage(results: list[StrategyResult]) -> dict[str, int]:

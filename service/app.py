@@ -8,10 +8,11 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .api import health, routes
@@ -54,31 +55,51 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        route = _route_template(request)
-        if route in ("/metrics",):
-            return await call_next(request)
-        metrics.IN_FLIGHT.labels(route).inc()
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.IN_FLIGHT.labels(route).dec()
-            strategy = getattr(request.state, "strategy", "") or ""
-            metrics.REQUESTS.labels(route, strategy, str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(route, strategy).observe(time.perf_counter() - started)
-
+    app.add_middleware(MetricsMiddleware)
     return app
 
 
-def _route_template(request: Request) -> str:
+class MetricsMiddleware:
+    """Counts and times every HTTP request (streams until their last byte).
+
+    Pure ASGI rather than ``BaseHTTPMiddleware``, so streaming and client-disconnect
+    detection pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = _route_template(scope)
+        if route == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.IN_FLIGHT.labels(route).inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            metrics.IN_FLIGHT.labels(route).dec()
+            strategy = scope.get("state", {}).get("strategy", "")
+            metrics.REQUESTS.labels(route, strategy, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route, strategy).observe(time.perf_counter() - started)
+
+
+def _route_template(scope: Scope) -> str:
     """The matched route path (``/v1/runs/{run_id}``), so labels stay low-cardinality."""
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
+    for route in scope["app"].router.routes:
+        match, _ = route.matches(scope)
         if match == Match.FULL:
             return getattr(route, "path", "unmatched")
     return "unmatched"

@@ -22,26 +22,20 @@ listing, and ``health_status`` for ``/health``. Every request is logged in
 from __future__ import annotations
 
 import asyncio
-import json as jsonlib
-import socket
 import threading
+import json as jsonlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from tests.conftest import free_port  # noqa: F401  (re-exported for the backend tests)
+from tests.servers import ServedApp
+
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound once, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -81,8 +75,7 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._abort: asyncio.Event | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
         self.port = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -221,49 +214,18 @@ class FakeOpenAI:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> "FakeOpenAI":
-        # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted connections
-        # (with proto 0 it skips it, and Nagle + delayed ACK add ~40 ms per response).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self,
-            loop="asyncio",
-            http="h11",
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        ready = threading.Event()
-
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._abort = asyncio.Event()
-            ready.set()
-            await self._server.serve(sockets=[sock])
-
-        self._thread = threading.Thread(target=lambda: asyncio.run(serve()), name=f"fake-openai-{self.name}", daemon=True)
-        self._thread.start()
-        ready.wait(5)
-        deadline = time.monotonic() + 5
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake OpenAI server did not start")
-            time.sleep(0.005)
+        self._served = ServedApp(self, name=f"fake-openai-{self.name}", lifespan="off").start()
+        self.port = self._served.port
+        self._loop = self._served.loop
+        self._abort = asyncio.Event()
         return self
 
     def stop(self) -> None:
-        if self._server is None:
+        if self._served is None:
             return
-        if self._loop is not None and self._abort is not None:
-            self._loop.call_soon_threadsafe(self._abort.set)
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
-        self._server = None
+        self._served.loop.call_soon_threadsafe(self._abort.set)
+        self._served.stop()
+        self._served = None
 
     def __enter__(self) -> "FakeOpenAI":
         return self.start()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from strategies import strategies
+
+from .auth import require_api_key
 
 router = APIRouter()
 
@@ -27,7 +29,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def list_models(request: Request) -> dict:
     """The backend's models, plus ``<strategy>:<model>`` ids that select a strategy."""
     listing = await request.app.state.runtime.backend.models()

@@ -48,6 +48,7 @@ class OpenAIServing:
 
     async def handle(self, request: Request, body: OpenAIRequest, *, chat: bool) -> Any:
         strategy, model = split_strategy(body)
+        request.state.strategy = strategy or "none"
         if body.n > self.settings.max_n:
             raise StrategyError(f"n={body.n} exceeds this server's cap of {self.settings.max_n}", field="n")
         if strategy is None:

@@ -10,20 +10,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from strategies import strategies
 
+from .auth import require_api_key
 from .errors import APIError
 from .openai_serving import SSE_HEADERS
 from .protocol import ChatCompletionRequest, CompletionRequest, SolveRequest, SolveResponse
 from .serving import cancel_on_disconnect
-
-
-def require_api_key(request: Request) -> None:
-    """Bearer auth when PONDER_API_KEYS is set. Keys are compared, never logged."""
-    keys = request.app.state.runtime.settings.api_key_set
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in keys:
-        raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -41,6 +32,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 @router.post("/v1/solve", response_model=SolveResponse)
 async def solve(body: SolveRequest, request: Request) -> SolveResponse:
+    request.state.strategy = body.strategy
     runner = request.app.state.runner
     runner.validate(body.strategy, body.params)
     return await cancel_on_disconnect(request, runner.solve(body))

@@ -64,9 +64,12 @@ class EmbeddedEngine:
             *shlex.split(self.settings.engine_extra_args),
         ]
 
+    async def prepare(self) -> Path:
+        """The model directory to serve (converted once, then cached)."""
+        return await asyncio.to_thread(prepare_model, self.settings.model_cache_dir)
+
     async def start(self) -> None:
-        model_dir = await asyncio.to_thread(prepare_model, self.settings.model_cache_dir)
-        self._model_dir = model_dir
+        self._model_dir = await self.prepare()
         await self._launch()
         self._watch = asyncio.create_task(self._supervise(), name="ponder-engine-supervisor")
 

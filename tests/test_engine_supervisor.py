@@ -1,0 +1,80 @@
+"""The engine supervisor with a stand-in server process: start, health wait, restart on death, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.engine import EmbeddedEngine, EngineError
+
+# A tiny server that answers /health after a short start-up delay, like vLLM does.
+STAND_IN = """
+import http.server, sys, time
+time.sleep(float(sys.argv[2]))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+class StandInEngine(EmbeddedEngine):
+    def __init__(self, settings: Settings, startup_delay: float = 0.3, exit_code: int | None = None) -> None:
+        super().__init__(settings)
+        self.startup_delay = startup_delay
+        self.exit_code = exit_code
+
+    async def prepare(self) -> Path:
+        return Path("/nonexistent-model")
+
+    def command(self, model_dir: Path) -> list[str]:
+        if self.exit_code is not None:
+            return [sys.executable, "-c", f"raise SystemExit({self.exit_code})"]
+        return [sys.executable, "-c", STAND_IN, str(self.port), str(self.startup_delay)]
+
+
+async def healthy(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(url + "/health", timeout=1)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def test_waits_for_health_restarts_after_death_and_stops():
+    engine = StandInEngine(Settings())
+    await engine.start()
+    try:
+        assert await healthy(engine.url)
+        first_pid = engine._process.pid
+        os.kill(first_pid, signal.SIGKILL)  # the engine dies (as the CPU engine does on a bad batch)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if engine.restarts and engine.alive and await healthy(engine.url):
+                break
+        assert engine.restarts == 1
+        assert engine._process.pid != first_pid and await healthy(engine.url)
+    finally:
+        await engine.stop()
+    assert not engine.alive and not await healthy(engine.url)
+
+
+async def test_start_fails_clearly_when_the_engine_exits():
+    engine = StandInEngine(Settings(), exit_code=3)
+    with pytest.raises(EngineError, match="exited with code 3"):
+        await engine.start()
+
+
+async def test_start_times_out():
+    engine = StandInEngine(Settings(engine_startup_timeout_s=0.5), startup_delay=30)
+    with pytest.raises(EngineError, match="not ready after"):
+        await engine.start()
+    assert not engine.alive

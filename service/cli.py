@@ -54,6 +54,12 @@ def _solve(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(main())
 
 
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from .evaluation.runner import main as eval_main
+
+    return eval_main(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--json", action="store_true", help="print answer, usage and trace as JSON")
     solve.add_argument("--engine-log", type=Path, default=None, help="write the embedded engine's log here")
     solve.set_defaults(func=_solve)
+
+    ev = sub.add_parser(
+        "eval", help="run a dataset through strategy settings: accuracy vs compute, with a plot",
+        description="Runs every (item, setting) pair, one JSONL line each in OUT/results.jsonl (a rerun resumes), "
+                    "then writes OUT/summary.md, OUT/summary.json and OUT/accuracy_vs_tokens.png. In-process "
+                    "(the embedded engine, or PONDER_BACKEND_URLS) unless --url names a running ponder.")
+    ev.add_argument("--dataset", required=True, metavar="SPEC",
+                    help="arith:N[:difficulty 1-5] (built-in few-shot arithmetic) | gsm8k:PATH | ifeval:PATH")
+    ev.add_argument("--limit", type=int, help="use only the first N items")
+    ev.add_argument("--settings", metavar="SETTINGS",
+                    help='JSON file or inline JSON list of {"label", "strategy", "params"}, or comma-separated '
+                         "built-in labels (greedy, sc-k4, sc-k8, sc-adaptive-k8, self-refine, mcts-refine, "
+                         "mcts-steps, checklist-bon); default: all built-in")
+    ev.add_argument("--out", type=Path, required=True, metavar="DIR", help="results directory (resumed if present)")
+    ev.add_argument("--url", help="a running ponder (POST /v1/solve), e.g. http://ponder:8000")
+    ev.add_argument("--api-key", default=None, help="bearer key for --url (its PONDER_API_KEYS)")
+    ev.add_argument("--model", default=None, help="model id (default: the backend's first model)")
+    ev.add_argument("--concurrency", type=int, default=8, help="pairs in flight at once (default 8)")
+    ev.add_argument("--match-budget", type=int, default=None, metavar="TOKENS",
+                    help="give every setting the same token budget per task (prompt + completion, all calls)")
+    ev.add_argument("--seed", type=int, default=0, help="arithmetic items and few-shot example choice")
+    ev.add_argument("--fewshot", type=Path, default=None, metavar="PATH",
+                    help="gsm8k: train JSONL for a few-shot prompt (default: zero-shot)")
+    ev.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot examples (default 4)")
+    ev.add_argument("--max-tokens", type=int, default=None,
+                    help="per-sample max_tokens (default: arith 8, gsm8k 256, ifeval 1024)")
+    ev.add_argument("--deadline-s", type=float, default=None, help="per-task deadline")
+    ev.add_argument("--no-traces", action="store_true", help="do not write OUT/traces.jsonl")
+    ev.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    ev.add_argument("--summary-only", action="store_true", help="only rebuild the summary and plot from OUT")
+    ev.add_argument("--engine-log", type=Path, default=None, help="write the embedded engine's log here")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from strategies.base import Budget, Limits
+from strategies.base import Budget, Limits, StrategyError
 
 
 def _split(value: str) -> list[str]:
@@ -89,11 +89,16 @@ class Settings(BaseSettings):
     def budget(
         self, *, max_calls: int | None = None, max_tokens: int | None = None, deadline_s: float | None = None
     ) -> Budget:
-        """The caller's budget, clamped to this server's ceilings."""
+        """The caller's budget; unset fields get this server's ceilings, larger ones are refused."""
+        for name, value, cap in (("budget.max_calls", max_calls, self.max_backend_calls),
+                                 ("budget.max_tokens", max_tokens, self.max_total_tokens),
+                                 ("budget.deadline_s", deadline_s, self.max_deadline_s)):
+            if value is not None and value > cap:
+                raise StrategyError(f"{name}={value} exceeds this server's cap of {cap}", field=name)
         return Budget(
-            max_calls=min(max_calls or self.max_backend_calls, self.max_backend_calls),
-            max_tokens=min(max_tokens or self.max_total_tokens, self.max_total_tokens),
-            deadline_s=min(deadline_s or self.default_deadline_s, self.max_deadline_s),
+            max_calls=max_calls or self.max_backend_calls,
+            max_tokens=max_tokens or self.max_total_tokens,
+            deadline_s=deadline_s or min(self.default_deadline_s, self.max_deadline_s),
         )
 
     def cache_ttls(self) -> dict[str, float]:

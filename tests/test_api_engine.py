@@ -102,6 +102,13 @@ def test_sdk_invalid_param_is_a_typed_400(client, engine):
     assert "unknown strategy" in info.value.body["message"]
 
 
+def test_sdk_upstream_4xx_passes_through(client, engine):
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM itself refuses: longer than max_model_len
+        client.completions.create(model=engine.model_name, prompt="hi", max_tokens=10**6)
+    assert info.value.status_code == 400
+    assert "max" in info.value.body["message"].lower()
+
+
 def test_sdk_bad_api_key_is_401(ponder, engine):
     bad = openai.OpenAI(base_url=ponder.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:

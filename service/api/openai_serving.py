@@ -104,8 +104,7 @@ class OpenAIServing:
         )
         if chat:
             return Task(messages=tuple(body.messages), **common)
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        return Task(prompt=prompt, **common)
+        return Task(prompt=body.text_prompt, **common)
 
     async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, on_event=None) -> list[StrategyResult]:
         budget = self.runner.budget(body.budget)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from strategies.base import StrategyError
+
 
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,13 +71,16 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] = Field(...)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    """As vLLM accepts it; strategies need one text prompt."""
 
-    @model_validator(mode="after")
-    def _single_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and len(self.prompt) != 1 and self.strategy:
-            raise ValueError("strategies take one prompt per request")
-        return self
+    @property
+    def text_prompt(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) == 1 and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        raise StrategyError("strategies take exactly one text prompt", field="prompt")
 
 
 # -- REST task API ---------------------------------------------------------------

@@ -62,8 +62,7 @@ class StrategyRunner:
             model=model,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            max_tokens=min(sampling.max_tokens or self.settings.max_tokens_per_sample_default,
-                           self.settings.max_total_tokens),
+            max_tokens=sampling.max_tokens or self.settings.max_tokens_per_sample_default,
             stop=tuple(sampling.stop),
         )
         result = await self.run(body.strategy, task, params=body.params, budget=self.budget(body.budget),

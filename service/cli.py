@@ -116,10 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from strategies import StrategyError
+
+    from .backends import BackendError
+    from .engine import EngineError
+
     args = build_parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args, settings)
+    try:
+        return args.func(args, settings)
+    except (StrategyError, BackendError, EngineError, json.JSONDecodeError) as exc:
+        print(f"ponder: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

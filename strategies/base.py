@@ -257,7 +257,22 @@ class RunContext:
         """Reuse a cached value for deterministic work (temperature 0, same inputs)."""
         if not self.use_cache:
             return await compute()
-        value, hit = await self.cache.get_or_compute(kind, key, compute)
+        ran = False
+
+        async def ours() -> Any:
+            nonlocal ran
+            ran = True
+            return await compute()
+
+        while True:
+            try:
+                value, hit = await self.cache.get_or_compute(kind, key, ours)
+                break
+            except BudgetExhausted:
+                # A concurrent identical run led the shared computation and ran out of
+                # *its* budget: not this run's to inherit. Ask again (join or lead anew).
+                if ran:
+                    raise
         if hit:
             self.usage.cache_hits += 1
         else:

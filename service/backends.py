@@ -146,8 +146,9 @@ class HTTPBackend:
         ceiling = min(self.config.backoff_max, self.config.backoff_base * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Send one JSON request with routing and retries; return the decoded body."""
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, decode: bool = True) -> Any:
+        """Send one JSON request with routing and retries; return the decoded body
+        (or its raw bytes, for pass-through without a decode/encode round trip)."""
         async with self._semaphore:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
@@ -168,7 +169,7 @@ class HTTPBackend:
                         ) from exc
                 if response.status_code < 400:
                     endpoint.mark_up()
-                    return response.json()
+                    return response.json() if decode else response.content
                 payload = _json_or_text(response)
                 if response.status_code in RETRYABLE_STATUS and not last_attempt:
                     if response.status_code != 429:

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from strategies import StrategyResult, Task, strategies
 from strategies.base import StrategyError, gather_or_cancel
@@ -71,7 +71,8 @@ class OpenAIServing:
             payload.pop("seed", None)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         if not body.stream:
-            return JSONResponse(await cancel_on_disconnect(request, self.backend.request("POST", path, payload)))
+            raw = await cancel_on_disconnect(request, self.backend.request("POST", path, payload, decode=False))
+            return Response(raw, media_type="application/json")
         # Open the stream before answering, so upstream errors still get a proper status.
         context = self.backend.stream(path, payload)
         chunks = await context.__aenter__()

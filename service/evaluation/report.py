@@ -25,7 +25,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
 
 
 def latest_records(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -188,7 +190,7 @@ def write_plot(summary: dict[str, Any], path: Path) -> Path:
         for r in rows:
             x = max(float(r["mean_total_tokens"]), 1.0)
             y = r["accuracy"]
-            err = [[y - r["ci_low"]], [r["ci_high"] - y]]
+            err = [[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]]
             baseline = r["strategy"] == "none"
             ax.errorbar([x], [y], yerr=err, fmt="s" if baseline else "o", capsize=4, markersize=7,
                         color="black" if baseline else None, label=r["label"])

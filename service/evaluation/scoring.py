@@ -45,13 +45,13 @@ def _all(values: list[bool | None]) -> bool | None:
     return True
 
 
-_RESOURCE_RE = re.compile(r"Resource\s+\x1b?\[?[0-9;]*m?(\w+)")
+_RESOURCE_RE = re.compile(r"Resource\s+(?:\x1b\[[0-9;]*m)?'?(\w+)")
 
 
 def _unscored_reason(exc: Exception) -> str:
     if isinstance(exc, LookupError):
         found = _RESOURCE_RE.search(str(exc))
-        return f"missing nltk data {found.group(1)!r}" if found else "missing nltk data"
+        return f"missing nltk data: {found.group(1)}" if found else "missing nltk data"
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
 
 

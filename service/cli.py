@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every (item, setting) pair, one JSONL line each in OUT/results.jsonl (a rerun resumes), "
                     "then writes OUT/summary.md, OUT/summary.json and OUT/accuracy_vs_tokens.png. In-process "
                     "(the embedded engine, or PONDER_BACKEND_URLS) unless --url names a running ponder.")
-    ev.add_argument("--dataset", required=True, metavar="SPEC",
-                    help="arith:N[:difficulty 1-5] (built-in few-shot arithmetic) | gsm8k:PATH | ifeval:PATH")
+    ev.add_argument("--dataset", metavar="SPEC",
+                    help="arith:N[:difficulty 1-5] (built-in few-shot arithmetic) | gsm8k:PATH | ifeval:PATH "
+                         "(required unless --summary-only)")
     ev.add_argument("--limit", type=int, help="use only the first N items")
     ev.add_argument("--settings", metavar="SETTINGS",
                     help='JSON file or inline JSON list of {"label", "strategy", "params"}, or comma-separated '
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fewshot", type=Path, default=None, metavar="PATH",
                     help="gsm8k: train JSONL for a few-shot prompt (default: zero-shot)")
     ev.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot examples (default 4)")
+    ev.add_argument("--chat", action="store_true",
+                    help="gsm8k: chat messages for instruct models (default: a completion prompt for base models)")
     ev.add_argument("--max-tokens", type=int, default=None,
                     help="per-sample max_tokens (default: arith 8, gsm8k 256, ifeval 1024)")
     ev.add_argument("--deadline-s", type=float, default=None, help="per-task deadline")

@@ -21,6 +21,7 @@ DATASET_KINDS = ("arith", "gsm8k", "ifeval")
 # Completion-mode defaults per dataset (a base model continues the prompt).
 ARITH_MAX_TOKENS = 8
 GSM8K_MAX_TOKENS = 256
+GSM8K_CHAT_MAX_TOKENS = 512
 IFEVAL_MAX_TOKENS = 1024
 
 ARITH_DIFFICULTIES = {
@@ -108,6 +109,7 @@ def load_dataset(
     fewshot: Path | None = None,
     shots: int = 4,
     max_tokens: int | None = None,
+    chat: bool = False,
 ) -> list[EvalItem]:
     parsed = parse_dataset_spec(spec) if isinstance(spec, str) else spec
     if parsed.kind == "arith":
@@ -117,7 +119,7 @@ def load_dataset(
         return arithmetic_items(count, difficulty=parsed.difficulty or 2, seed=seed, max_tokens=max_tokens)
     if parsed.kind == "gsm8k":
         items = gsm8k_items(parsed.path, fewshot_path=fewshot, shots=shots, seed=seed, max_tokens=max_tokens,
-                            limit=limit)
+                            limit=limit, chat=chat)
     else:
         items = ifeval_items(parsed.path, max_tokens=max_tokens, limit=limit)
     return items
@@ -214,17 +216,17 @@ def gsm8k_gold(answer: str) -> str:
     return gold
 
 
-def gsm8k_fewshot_prefix(path: Path, *, shots: int = 4, seed: int = 0) -> str:
-    """``shots`` solved train problems (chosen with ``seed``), calculator annotations removed."""
+GSM8K_CHAT_INSTRUCTION = ("Solve the math problem. Reason step by step, then give the final answer on the last "
+                          "line as '#### <number>'.\n\n")
+
+
+def _gsm8k_fewshot_rows(path: Path, *, shots: int, seed: int) -> list[dict[str, Any]]:
     rows = _read_jsonl(path)
     if shots > len(rows):
         raise ValueError(f"{path}: {shots} shots asked, {len(rows)} examples present")
     chosen = sorted(random.Random(f"ponder-gsm8k-fewshot:{seed}").sample(range(len(rows)), shots))
-    blocks = []
-    for i in chosen:
-        solution = _CALCULATOR_RE.sub("", rows[i]["answer"]).strip()
-        blocks.append(f"Question: {rows[i]['question'].strip()}\nAnswer: {solution}\n\n")
-    return "".join(blocks)
+    return [{"question": rows[i]["question"].strip(), "answer": _CALCULATOR_RE.sub("", rows[i]["answer"]).strip()}
+            for i in chosen]
 
 
 def gsm8k_items(
@@ -235,32 +237,45 @@ def gsm8k_items(
     seed: int = 0,
     max_tokens: int | None = None,
     limit: int | None = None,
+    chat: bool = False,
 ) -> list[EvalItem]:
-    """Completion-mode GSM8K: few-shot from ``fewshot_path`` (answers end in ``#### n``, and so should
-    the model's), else zero-shot "Let's think step by step."; answers extracted as ``numeric``."""
+    """GSM8K, answers extracted as ``numeric``.
+
+    Completion mode (default; base models such as the embedded one): few-shot from ``fewshot_path``
+    (solutions end in ``#### n``, and so should the model's), else zero-shot "Let's think step by step.".
+    ``chat``: for instruct models — the same examples as earlier user/assistant turns, and an
+    instruction to end with ``#### n``."""
     rows = _read_jsonl(path)
     if limit is not None:
         rows = rows[:limit]
-    if fewshot_path is not None and shots > 0:
-        prefix = gsm8k_fewshot_prefix(fewshot_path, shots=shots, seed=seed)
+    examples = _gsm8k_fewshot_rows(fewshot_path, shots=shots, seed=seed) if fewshot_path and shots > 0 else []
+    if examples:
+        prefix = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
         suffix, stop = "", ("\n\n", "\nQuestion:")
     else:
         prefix, suffix, stop = "", " Let's think step by step.", ("\nQuestion:", "\n\n\n")
+    turns: tuple[dict[str, Any], ...] = tuple(
+        turn for e in examples for turn in ({"role": "user", "content": GSM8K_CHAT_INSTRUCTION + e["question"]},
+                                            {"role": "assistant", "content": e["answer"]}))
     items = []
     for i, row in enumerate(rows):
         try:
             question, gold = row["question"].strip(), gsm8k_gold(row["answer"])
         except (KeyError, AttributeError, ValueError) as exc:
             raise ValueError(f"{path}: item {i}: {exc}") from None
+        task: dict[str, Any]
+        if chat:
+            task = {"messages": turns + ({"role": "user", "content": GSM8K_CHAT_INSTRUCTION + question},)}
+        else:
+            task = {"prompt": f"{prefix}Question: {question}\nAnswer:{suffix}", "stop": stop}
         items.append(EvalItem(
             id=f"gsm8k-{i}",
             kind="gsm8k",
             question=question,
             gold=gold,
-            prompt=f"{prefix}Question: {question}\nAnswer:{suffix}",
-            max_tokens=max_tokens or GSM8K_MAX_TOKENS,
-            stop=stop,
+            max_tokens=max_tokens or (GSM8K_CHAT_MAX_TOKENS if chat else GSM8K_MAX_TOKENS),
             answer_format="numeric",
+            **task,
         ))
     return items
 

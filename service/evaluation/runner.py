@@ -455,10 +455,11 @@ async def run_eval(
     async def worker() -> None:
         nonlocal consecutive
         for item, setting in queue:  # one shared iterator: each pair goes to exactly one worker
-            params = effective_params(setting, item)
+            params = dict(setting.params)
             started = time.perf_counter()
             outcome, error = None, None
             try:
+                params = effective_params(setting, item)
                 outcome = await solver.solve(item, setting, params)
             except (StrategyError, SolveError) as exc:
                 error = str(exc)
@@ -499,7 +500,7 @@ async def run_eval(
 
 # -- the run directory --------------------------------------------------------------
 
-_COMPARABLE = ("dataset", "seed", "fewshot", "shots", "match_budget", "max_tokens")
+_COMPARABLE = ("dataset", "seed", "fewshot", "shots", "chat", "match_budget", "max_tokens")
 
 
 def prepare_out_dir(out_dir: Path, config: dict[str, Any], settings: Sequence[EvalSetting]) -> list[dict[str, Any]]:
@@ -556,6 +557,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                                 plot=not args.no_plot)
         print(format_table(summary))
         return 0
+    if not args.dataset:
+        raise SystemExit("ponder eval: --dataset is required (unless --summary-only)")
     if args.concurrency < 1:
         raise SystemExit("--concurrency must be >= 1")
     if args.match_budget is not None and args.match_budget < 16:
@@ -563,7 +566,12 @@ def main(args: argparse.Namespace, settings: Any) -> int:
     try:
         spec = parse_dataset_spec(args.dataset)
         items = load_dataset(spec, limit=args.limit, seed=args.seed, fewshot=args.fewshot, shots=args.shots,
-                             max_tokens=args.max_tokens)
+                             max_tokens=args.max_tokens, chat=args.chat)
+        if spec.kind == "ifeval":
+            try:
+                import if_verifiable  # noqa: F401
+            except ImportError:
+                raise SystemExit("ponder eval: IFEval scoring needs if-verifiable (pip install 'ponder[eval]')") from None
         eval_settings = load_settings(args.settings, limits=settings.limits)
     except (ValueError, OSError, StrategyError) as exc:
         raise SystemExit(f"ponder eval: {exc}") from None
@@ -575,6 +583,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "seed": args.seed,
         "fewshot": str(Path(args.fewshot).resolve()) if args.fewshot and spec.kind == "gsm8k" else None,
         "shots": args.shots if args.fewshot and spec.kind == "gsm8k" else None,
+        "chat": bool(args.chat) if spec.kind == "gsm8k" else None,
         "match_budget": args.match_budget,
         "max_tokens": args.max_tokens,
         "dataset_spec": args.dataset,

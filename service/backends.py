@@ -130,32 +130,30 @@ class HTTPBackend:
         # None healthy: probe the one that comes back soonest.
         return min(candidates, key=lambda e: e.down_until)
 
-    @asynccontextmanager
-    async def _routed(self, tried: set[int]) -> AsyncIterator[Endpoint]:
-        endpoint = self._pick(tried)
-        tried.add(self.endpoints.index(endpoint))
-        endpoint.in_flight += 1
-        try:
-            yield endpoint
-        finally:
-            endpoint.in_flight -= 1
-
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.config.backoff_max)
         ceiling = min(self.config.backoff_max, self.config.backoff_base * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, decode: bool = True) -> Any:
-        """Send one JSON request with routing and retries; return the decoded body
-        (or its raw bytes, for pass-through without a decode/encode round trip)."""
+    @asynccontextmanager
+    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[httpx.Response]:
+        """A successful response, routed and retried; its body is still unread.
+
+        Retries happen only before the response starts, so a stream is never replayed.
+        The endpoint counts as in flight until the caller has finished with the response.
+        """
         async with self._semaphore:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
                 last_attempt = attempt == self.config.max_retries
-                async with self._routed(tried) as endpoint:
+                endpoint = self._pick(tried)
+                tried.add(self.endpoints.index(endpoint))
+                endpoint.in_flight += 1
+                try:
+                    request = self.client.build_request(method, endpoint.url + path, json=body)
                     try:
-                        response = await self.client.request(method, endpoint.url + path, json=body)
+                        response = await self.client.send(request, stream=True)
                     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                         endpoint.mark_down(self.config.eject_seconds)
                         log.warning("backend %s unreachable (%s)", endpoint.url, type(exc).__name__)
@@ -167,49 +165,40 @@ class HTTPBackend:
                         raise BackendTimeout(
                             f"backend {endpoint.url} did not answer within {self.config.read_timeout}s"
                         ) from exc
-                if response.status_code < 400:
-                    endpoint.mark_up()
-                    return response.json() if decode else response.content
-                payload = _json_or_text(response)
+                    try:
+                        if response.status_code < 400:
+                            endpoint.mark_up()
+                            yield response
+                            return
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+                finally:
+                    endpoint.in_flight -= 1
                 if response.status_code in RETRYABLE_STATUS and not last_attempt:
                     if response.status_code != 429:
                         endpoint.mark_down(self.config.eject_seconds)
                     await asyncio.sleep(self._backoff(attempt, _retry_after(response)))
                     continue
-                raise UpstreamError(response.status_code, payload)
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise UpstreamError(response.status_code, _json_or_text(response))
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, decode: bool = True) -> Any:
+        """Send one JSON request with routing and retries; return the decoded body
+        (or its raw bytes, for pass-through without a decode/encode round trip)."""
+        async with self._open(method, path, body) as response:
+            try:
+                content = await response.aread()
+            except httpx.TimeoutException as exc:
+                raise BackendTimeout(f"backend did not finish within {self.config.read_timeout}s") from exc
+            except httpx.TransportError as exc:
+                raise BackendError(f"backend connection broke mid-response: {exc!r}") from exc
+        return json.loads(content) if decode else content
 
     @asynccontextmanager
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open a streaming request (retrying only before the first byte) and yield its raw SSE bytes."""
-        async with self._semaphore:
-            tried: set[int] = set()
-            for attempt in range(self.config.max_retries + 1):
-                last_attempt = attempt == self.config.max_retries
-                async with self._routed(tried) as endpoint:
-                    request = self.client.build_request("POST", endpoint.url + path, json=body)
-                    try:
-                        response = await self.client.send(request, stream=True)
-                    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                        endpoint.mark_down(self.config.eject_seconds)
-                        if last_attempt:
-                            raise BackendError(f"backend unreachable: {exc!r}") from exc
-                        await asyncio.sleep(self._backoff(attempt, None))
-                        continue
-                    except httpx.TimeoutException as exc:
-                        raise BackendTimeout(f"backend {endpoint.url} timed out") from exc
-                    try:
-                        if response.status_code >= 400:
-                            await response.aread()
-                            if response.status_code in RETRYABLE_STATUS and not last_attempt:
-                                await asyncio.sleep(self._backoff(attempt, _retry_after(response)))
-                                continue
-                            raise UpstreamError(response.status_code, _json_or_text(response))
-                        endpoint.mark_up()
-                        yield response.aiter_raw()
-                        return
-                    finally:
-                        await response.aclose()
+        """Open a streaming request and yield its raw SSE bytes as they arrive."""
+        async with self._open("POST", path, body) as response:
+            yield response.aiter_raw()
 
     # -- the generation protocol -------------------------------------------------
 

@@ -43,7 +43,8 @@ with ``temperature: 0`` is greedy: every choice and every repeat of the same pro
 Heuristics for strategies' auxiliary prompts, looked for in the prompt (completions) or the last
 message (chat), case-insensitively, first match wins:
 
-1. "score:" or a request for a score ("rate ... score", "give a score", "on a scale of 1")
+1. "score:" or a request for a score ("rate ... score", "give a score", "on a scale of 1",
+   "respond with only a number", "rate the above response")
    -> ``Score: K`` with K uniform in 1..10;
 2. a request to write a checklist ("write/create/generate/make/list ... checklist")
    -> four numbered yes/no questions "1. Does the response ...?";
@@ -161,6 +162,9 @@ _CHECKLIST_POOL = (
 _SCORE_RE = re.compile(
     r"score:|\b(?:give|assign|output|provide|rate|reply with|respond with)\b[^\n.?!]{0,60}\bscore\b"
     r"|\bon a scale (?:of|from) 1\b"
+    # other proxies' judge prompts (optillm's bon rating and mcts evaluation), which a real
+    # model answers with a bare number
+    r"|\brespond with only a number\b|\brate the above response\b"
 )
 _CHECKLIST_REQUEST_RE = re.compile(
     r"\b(?:write|create|generate|produce|make|draft|list|propose|come up with)\b[^\n.?!]{0,80}\bchecklist\b"

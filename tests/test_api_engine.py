@@ -117,8 +117,9 @@ def test_sdk_bad_api_key_is_401(ponder, engine):
     assert info.value.body["code"] == "invalid_api_key"
 
 
-def test_solve_every_strategy_end_to_end(http):
-    """Each strategy completes on the real engine; usage adds up; the trace has its documented shape."""
+def test_solve_every_strategy_end_to_end(http, engine):
+    """Each strategy completes on the real engine; its usage matches what the engine itself
+    counted; the trace has its documented shape."""
     cases = {
         "none": ({}, {"samples"}),
         "self-consistency": ({"k": 3, "answer_format": "first_number"}, {"votes", "samples", "samples_used"}),
@@ -127,6 +128,8 @@ def test_solve_every_strategy_end_to_end(http):
         "checklist-bon": ({"n": 2, "max_items": 2, "checklist_max_tokens": 48}, {"checklist", "candidates", "chosen"}),
     }
     for strategy, (params, trace_keys) in cases.items():
+        prompt_before = engine_metric(engine, "vllm:prompt_tokens_total")
+        generated_before = engine_metric(engine, "vllm:generation_tokens_total")
         response = http.post("/v1/solve", json={
             "task": {"prompt": FEW_SHOT}, "strategy": strategy, "params": params,
             "sampling": {"max_tokens": 8, "stop": ["\n"]},
@@ -137,6 +140,8 @@ def test_solve_every_strategy_end_to_end(http):
         usage = body["usage"]
         assert usage["backend_calls"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+        assert usage["completion_tokens"] == engine_metric(engine, "vllm:generation_tokens_total") - generated_before
+        assert usage["prompt_tokens"] == engine_metric(engine, "vllm:prompt_tokens_total") - prompt_before
 
 
 def test_steps_mode_mcts_on_engine(http):
@@ -171,11 +176,15 @@ def test_run_events_in_order_and_done(http):
     assert final["status"] == "succeeded" and final["result"]["usage"]["backend_calls"] >= 1
 
 
-def engine_running(engine) -> float:
-    """Requests the engine is working on, read from vLLM's own Prometheus metrics."""
+def engine_metric(engine, name: str) -> float:
+    """A counter or gauge from vLLM's own Prometheus metrics, summed over its labels."""
     text = httpx.get(engine.url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def engine_running(engine) -> float:
+    """Requests the engine is working on."""
+    return engine_metric(engine, "vllm:num_requests_running")
 
 
 def wait_until(predicate, timeout: float) -> bool:

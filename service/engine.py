@@ -9,6 +9,7 @@ on exit.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shlex
@@ -35,6 +36,14 @@ def free_port() -> int:
 
 class EngineError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if ponder dies without stopping the engine (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class EmbeddedEngine:
@@ -78,7 +87,8 @@ class EmbeddedEngine:
         log.info("starting embedded vLLM engine on %s (first start compiles, ~2 min)", self.url)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self._process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         await self._wait_healthy()
 
     async def _wait_healthy(self) -> None:

@@ -78,3 +78,35 @@ async def test_start_times_out():
     with pytest.raises(EngineError, match="not ready after"):
         await engine.start()
     assert not engine.alive
+
+
+def test_engine_dies_with_a_killed_parent(tmp_path):
+    """SIGKILL of ponder (no clean shutdown) must not orphan the engine."""
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from tests.test_engine_supervisor import StandInEngine\n"
+        "from service.config import Settings\n"
+        "async def main():\n"
+        "    engine = StandInEngine(Settings())\n"
+        "    await engine.start()\n"
+        "    print(engine._process.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n" % str(Path(__file__).resolve().parent.parent)
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child_pid, signal.SIGKILL)
+    raise AssertionError("engine outlived its killed parent")

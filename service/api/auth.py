@@ -9,8 +9,11 @@ from fastapi import Request
 from .errors import APIError
 
 
-def require_api_key(request: Request) -> None:
-    """Bearer auth when PONDER_API_KEYS is set. Keys are compared, never logged."""
+async def require_api_key(request: Request) -> None:
+    """Bearer auth when PONDER_API_KEYS is set. Keys are compared, never logged.
+
+    ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a thread hop on every request."""
     keys = request.app.state.runtime.settings.api_key_set
     if not keys:
         return

@@ -31,7 +31,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import httpx
 

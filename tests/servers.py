@@ -16,9 +16,10 @@ import uvicorn
 
 
 class ServedApp:
-    def __init__(self, app: Any, *, name: str = "app", lifespan: str = "on") -> None:
+    def __init__(self, app: Any, *, name: str = "app", lifespan: str = "on", port: int = 0) -> None:
+        """``port=0`` picks a free port; a fixed one lets a restarted server come back at its address."""
         self.app, self.name, self.lifespan = app, name, lifespan
-        self.port = 0
+        self.port = port
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -32,7 +33,7 @@ class ServedApp:
         # (with proto 0 it skips it, and Nagle + delayed ACK add ~40 ms per response).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, loop="asyncio", http="h11", lifespan=self.lifespan, log_level="warning",
                                 access_log=False, timeout_graceful_shutdown=1)

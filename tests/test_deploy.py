@@ -21,9 +21,7 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,6 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from service.app import create_app
@@ -543,36 +540,8 @@ class GPUFake(FakeOpenAI):
 
     def start_on(self, port: int) -> "GPUFake":
         """Serve on a given port (a restarted backend comes back at its old address)."""
-        self._served = PinnedServedApp(self, port, name=f"fake-openai-{self.name}", lifespan="off").start()
+        self._served = ServedApp(self, name=f"fake-openai-{self.name}", lifespan="off", port=port).start()
         self.port, self._loop, self._abort = port, self._served.loop, asyncio.Event()
-        return self
-
-
-class PinnedServedApp(ServedApp):
-    def __init__(self, app: Any, port: int, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.pinned = port
-
-    def start(self, timeout: float = 10) -> "PinnedServedApp":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.pinned))
-        self.port = self.pinned
-        self._server = uvicorn.Server(uvicorn.Config(self.app, loop="asyncio", http="h11", lifespan=self.lifespan,
-                                                     log_level="warning", access_log=False,
-                                                     timeout_graceful_shutdown=1))
-
-        async def serve() -> None:
-            self.loop = asyncio.get_running_loop()
-            await self._server.serve(sockets=[sock])
-
-        self._thread = threading.Thread(target=lambda: asyncio.run(serve()), name=f"served-{self.name}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"{self.name} did not start on port {self.pinned}")
-            time.sleep(0.005)
         return self
 
 

@@ -24,7 +24,7 @@ from strategies.base import StrategyError, gather_or_cancel
 
 from ..backends import BackendError
 from .errors import error_body
-from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from .protocol import ChatCompletionRequest, OpenAIRequest
 from .serving import StrategyRunner, cancel_on_disconnect, new_id
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,6 +1,6 @@
-"""What one backend call costs ponder's process, by HTTP client: ponder's ``HTTPBackend``
-(one ``httpx.AsyncClient``, pool of ``PONDER_BACKEND_MAX_CONCURRENCY`` = 256) against
-alternatives, on the fan-out pattern strategies use (checklist-bon sends N×K = 32 judgments
+"""What one backend call costs ponder's process, by HTTP client: ponder's ``HTTPBackend`` as it
+is (up to ``b3cf86f`` one ``httpx.AsyncClient`` pool of ``PONDER_BACKEND_MAX_CONCURRENCY`` = 256;
+since ``722ef72`` several small pools, the least busy first) against alternatives, on the fan-out pattern strategies use (checklist-bon sends N×K = 32 judgments
 at once).
 
 Starts the mock backend (ttft 20 ms, tpot 2 ms) in a subprocess on a free loopback port, then
@@ -13,11 +13,11 @@ as the mock saw it (first to last request start, from ``loadtests.recording_mock
 
 Clients:
 
-* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it (pool 256).
+* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it.
 * ``httpx-pool32``: the same class with ``max_concurrency=32``.
 * ``httpx-sharded``: 8 ``httpx.AsyncClient`` of 32 connections each, a call picks the least busy.
-* ``httpx2``: ``HTTPBackend`` with its client replaced by pydantic's ``httpx2`` fork (already in the
-  venv, pulled in by ``openai``), whose pool fixes the per-request rescans (pydantic/httpx2 #974,
+* ``httpx2``: ``HTTPBackend`` with its clients replaced by one pydantic ``httpx2`` pool of 256
+  (``httpx2`` is in the venv already, pulled in by ``openai``), whose pool fixes the per-request rescans (pydantic/httpx2 #974,
   #1075, #1076; upstream encode/httpcore #1035 is still open).
 * ``aiohttp``: one ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``), same request bodies
   (``HTTPBackend.request_body``) and the same response parsing (``parse_generation``).

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP backend (vLLM's server, the embedded engine, any peer).
 
-One pooled ``httpx.AsyncClient`` per process. Each request goes to the healthy
+One pooled ``aiohttp.ClientSession`` per process. Each request goes to the healthy
 endpoint with the fewest requests in flight; connect errors, 429 and 502/503/504
 are retried with exponential backoff and jitter (Retry-After honoured), on
 another endpoint when there is one. Upstream 4xx are surfaced as
@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-import httpx
+import aiohttp
 
 from strategies.base import gather_or_cancel
 from strategies.protocol import Choice, Generation, GenerationRequest
@@ -26,7 +26,11 @@ from strategies.protocol import Choice, Generation, GenerationRequest
 log = logging.getLogger("ponder.backend")
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
-CLIENT_SHARDS = 8
+JSON_CONTENT = {"Content-Type": "application/json"}
+KEEPALIVE_SECONDS = 4.0
+"""Below uvicorn's (and so vLLM's) 5 s keep-alive, so a pooled connection is dropped here
+before the server drops it under a request."""
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
 class BackendError(Exception):
@@ -102,45 +106,39 @@ class BackendConfig:
 class HTTPBackend:
     """Generator over one or more OpenAI-compatible servers."""
 
-    def __init__(self, config: BackendConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         if not config.urls:
             raise ValueError("HTTPBackend needs at least one URL")
         self.config = config
         self.endpoints = [Endpoint(u.rstrip("/").removesuffix("/v1")) for u in config.urls]
-        headers = dict(config.extra_headers)
+        self._headers = dict(config.extra_headers)
         if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
-        # httpx's pool scans every pooled connection each time one is taken or returned, so
-        # one pool of hundreds of connections costs ~2 ms CPU per call under fan-out. Several
-        # small pools, each call on the least busy, keep that cost ~4x lower (loadtests/
-        # bench_backend_client.py: 2.2 -> 0.58 ms per call, fan-out of 32 spread 52 -> 8 ms).
-        shards = max(1, min(CLIENT_SHARDS, config.max_concurrency // 16))
-        per_shard = -(-config.max_concurrency // shards)
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
-        self.clients = [httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, transport=transport)
-                        for _ in range(shards)]
-        self._client_load = [0] * shards
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._session: aiohttp.ClientSession | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._model: str | None = config.default_model
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        """A client for one-off calls (health probes)."""
-        return self.clients[0]
+    def session(self) -> aiohttp.ClientSession:
+        """The process's one client session, made on first use (it needs a running loop).
+
+        aiohttp rather than httpx: httpx's pool rescans every pooled connection each time
+        one is taken or returned, ~0.6-2 ms CPU per call under fan-out against ~0.15 ms here
+        (loadtests/bench_backend_client.py; docs/performance.md).
+        """
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency, limit_per_host=0,
+                                               keepalive_timeout=KEEPALIVE_SECONDS),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                              sock_read=self.config.read_timeout),
+                headers=self._headers,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
-
-    @asynccontextmanager
-    async def _least_busy_client(self) -> AsyncIterator[httpx.AsyncClient]:
-        index = min(range(len(self.clients)), key=self._client_load.__getitem__)
-        self._client_load[index] += 1
-        try:
-            yield self.clients[index]
-        finally:
-            self._client_load[index] -= 1
+        if self._session is not None:
+            await self._session.close()
 
     # -- routing -------------------------------------------------------------------
 
@@ -161,12 +159,16 @@ class HTTPBackend:
         return random.uniform(ceiling / 2, ceiling)
 
     @asynccontextmanager
-    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[httpx.Response]:
+    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[aiohttp.ClientResponse]:
         """A successful response, routed and retried; its body is still unread.
 
         Retries happen only before the response starts, so a stream is never replayed.
-        The endpoint counts as in flight until the caller has finished with the response.
+        The endpoint counts as in flight until the caller has finished with the response;
+        a caller that stops early (cancelled, disconnected) closes the connection, which
+        tells vLLM to abort the generation.
         """
+        data = None if body is None else json.dumps(body).encode()
+        headers = JSON_CONTENT if data is not None else None
         async with self._semaphore:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
@@ -175,56 +177,61 @@ class HTTPBackend:
                 tried.add(self.endpoints.index(endpoint))
                 endpoint.in_flight += 1
                 try:
-                    async with self._least_busy_client() as client:
-                        request = client.build_request(method, endpoint.url + path, json=body)
-                        try:
-                            response = await client.send(request, stream=True)
-                        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                    try:
+                        response = await self.session.request(method, endpoint.url + path, data=data,
+                                                               headers=headers)
+                    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                            aiohttp.ServerDisconnectedError) as exc:
+                        # A stale keep-alive connection closed by the server is not the
+                        # endpoint's fault: retry without ejecting it.
+                        if not isinstance(exc, aiohttp.ServerDisconnectedError):
                             endpoint.mark_down(self.config.eject_seconds)
-                            log.warning("backend %s unreachable (%s)", endpoint.url, type(exc).__name__)
-                            if last_attempt:
-                                raise BackendError(
-                                    f"backend unreachable after {attempt + 1} attempts: {exc!r}") from exc
-                            await asyncio.sleep(self._backoff(attempt, None))
-                            continue
-                        except httpx.TimeoutException as exc:
-                            raise BackendTimeout(
-                                f"backend {endpoint.url} did not answer within {self.config.read_timeout}s"
-                            ) from exc
+                        log.warning("backend %s unreachable (%s)", endpoint.url, type(exc).__name__)
+                        if last_attempt:
+                            raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc!r}") from exc
+                        await asyncio.sleep(self._backoff(attempt, None))
+                        continue
+                    except TimeoutError as exc:
+                        raise BackendTimeout(
+                            f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
+                    except aiohttp.ClientError as exc:
+                        raise BackendError(f"backend {endpoint.url} failed: {exc!r}") from exc
+                    if response.status < 400:
+                        endpoint.mark_up()
                         try:
-                            if response.status_code < 400:
-                                endpoint.mark_up()
-                                yield response
-                                return
-                            await response.aread()
-                        finally:
-                            await response.aclose()
+                            yield response
+                        except BaseException:
+                            response.close()
+                            raise
+                        response.release()
+                        return
+                    try:
+                        content = await _read(response, self.config.read_timeout)
+                    finally:
+                        response.release()
                 finally:
                     endpoint.in_flight -= 1
-                if response.status_code in RETRYABLE_STATUS and not last_attempt:
-                    if response.status_code != 429:
+                if response.status in RETRYABLE_STATUS and not last_attempt:
+                    if response.status != 429:
                         endpoint.mark_down(self.config.eject_seconds)
                     await asyncio.sleep(self._backoff(attempt, _retry_after(response)))
                     continue
-                raise UpstreamError(response.status_code, _json_or_text(response))
+                raise UpstreamError(response.status, _json_or_text(content))
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, decode: bool = True) -> Any:
         """Send one JSON request with routing and retries; return the decoded body
         (or its raw bytes, for pass-through without a decode/encode round trip)."""
         async with self._open(method, path, body) as response:
-            try:
-                content = await response.aread()
-            except httpx.TimeoutException as exc:
-                raise BackendTimeout(f"backend did not finish within {self.config.read_timeout}s") from exc
-            except httpx.TransportError as exc:
-                raise BackendError(f"backend connection broke mid-response: {exc!r}") from exc
+            content = await _read(response, self.config.read_timeout)
         return json.loads(content) if decode else content
 
     @asynccontextmanager
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open a streaming request and yield its raw SSE bytes as they arrive."""
+        """Open a streaming request and yield its raw SSE bytes as they arrive.
+
+        A backend that breaks off mid-stream raises ``BackendError`` from the iterator."""
         async with self._open("POST", path, body) as response:
-            yield response.aiter_raw()
+            yield _relay(response, self.config.read_timeout)
 
     # -- the generation protocol -------------------------------------------------
 
@@ -274,9 +281,9 @@ class HTTPBackend:
 
         async def probe(endpoint: Endpoint) -> bool:
             try:
-                response = await self.client.get(endpoint.url + "/health", timeout=2.0)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
+                async with self.session.get(endpoint.url + "/health", timeout=PROBE_TIMEOUT) as response:
+                    ok = response.status == 200
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:
                 endpoint.mark_up()
@@ -314,8 +321,27 @@ def _token_logprobs(raw: Any, *, chat: bool) -> tuple[float, ...] | None:
     return tuple(v for v in values if v is not None)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+async def _read(response: aiohttp.ClientResponse, read_timeout: float) -> bytes:
+    try:
+        return await response.read()
+    except TimeoutError as exc:
+        raise BackendTimeout(f"backend did not finish within {read_timeout}s") from exc
+    except aiohttp.ClientError as exc:
+        raise BackendError(f"backend connection broke mid-response: {exc!r}") from exc
+
+
+async def _relay(response: aiohttp.ClientResponse, read_timeout: float) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except TimeoutError as exc:
+        raise BackendTimeout(f"backend stream stalled for {read_timeout}s") from exc
+    except aiohttp.ClientError as exc:
+        raise BackendError(f"backend stream broke off: {exc!r}") from exc
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    value = response.headers.get("Retry-After")
     if value is None:
         return None
     try:
@@ -324,8 +350,9 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _json_or_text(response: httpx.Response) -> Any:
+def _json_or_text(content: bytes) -> Any:
     try:
-        return response.json()
+        return json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"error": {"message": response.text[:500], "type": "upstream_error", "code": response.status_code}}
+        text = content.decode(errors="replace")[:500]
+        return {"error": {"message": text, "type": "upstream_error"}}

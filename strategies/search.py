@@ -6,6 +6,13 @@ values all its new children in one batch (the problem issues that work
 concurrently), and backs the best child value up the path. Final choices follow
 the values: ``best_path`` descends by mean value, ``best_node`` is the highest
 mean value anywhere in the tree.
+
+``parallel`` > 1 (tree parallelisation): an iteration selects up to ``parallel``
+distinct leaves and expands them concurrently, for the same number of expansions
+in fewer sequential rounds. Each selected leaf puts a virtual loss on its path
+(``virtual_loss`` extra visits with reward 0, kept apart from the real
+statistics) so UCT steers the next selection elsewhere; it is lifted when that
+leaf's expansion ends. ``parallel=1`` is the plain sequential search.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
+
+from .base import gather_or_cancel  # no prompts, no models: just cancel-on-failure gather
 
 S = TypeVar("S")
 
@@ -44,6 +53,8 @@ class Node(Generic[S]):
     exhausted: bool = False
     """Every node below is terminal or a dead end: selection skips it."""
     index: int = 0
+    pending: int = 0
+    """Selected leaves in flight at or below this node (each a virtual loss in UCT only)."""
 
     @property
     def q(self) -> float:
@@ -55,19 +66,28 @@ class Node(Generic[S]):
             yield from child.walk()
 
 
-def uct(child: Node[Any], parent_visits: int, exploration: float) -> float:
-    if child.visits == 0:
+def uct(child: Node[Any], parent_visits: float, exploration: float, virtual_loss: float = 1.0) -> float:
+    """UCT score; a pending selection counts as ``virtual_loss`` visits with reward 0."""
+    visits = child.visits + child.pending * virtual_loss if child.pending else child.visits
+    if visits == 0:
         return math.inf
-    return child.q + exploration * math.sqrt(math.log(parent_visits) / child.visits)
+    return child.value_sum / visits + exploration * math.sqrt(math.log(parent_visits) / visits)
 
 
 class MCTS(Generic[S]):
     def __init__(self, problem: SearchProblem[S], *, exploration: float = 1.0, max_depth: int = 8,
-                 on_expand: Callable[[Node[S]], None] | None = None) -> None:
+                 on_expand: Callable[[Node[S]], None] | None = None, parallel: int = 1,
+                 virtual_loss: float = 1.0) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
+        if virtual_loss < 0:
+            raise ValueError(f"virtual_loss must not be negative, got {virtual_loss}")
         self.problem = problem
         self.exploration = exploration
         self.max_depth = max_depth
         self.on_expand = on_expand
+        self.parallel = parallel
+        self.virtual_loss = virtual_loss
         self._count = 0
 
     def new_root(self, state: S, value: float | None = None) -> Node[S]:
@@ -78,17 +98,57 @@ class MCTS(Generic[S]):
 
     async def search(self, root: Node[S], simulations: int,
                      after_simulation: Callable[[Node[S]], None] | None = None) -> Node[S]:
-        for _ in range(simulations):
-            leaf = self.select(root)
-            if leaf is None:  # the whole tree is explored
+        """Run ``simulations`` expansions (fewer if the tree is exhausted), up to
+        ``parallel`` at a time; ``after_simulation(root)`` follows each expansion."""
+        done = 0
+        while done < simulations:
+            leaves = self.select_many(root, min(self.parallel, simulations - done))
+            if not leaves:  # the whole tree is explored
                 break
-            await self.expand(leaf)
-            if after_simulation is not None:
-                after_simulation(root)
+            if len(leaves) == 1:
+                await self._simulate(root, leaves[0], after_simulation)
+            else:
+                await gather_or_cancel(*(self._simulate(root, leaf, after_simulation) for leaf in leaves))
+            done += len(leaves)
         return root
 
+    def select_many(self, root: Node[S], count: int) -> list[Node[S]]:
+        """Up to ``count`` distinct leaves, each holding a virtual loss on its path
+        (lifted by ``_simulate``). Stops early when selection, despite the virtual
+        losses, comes back to a leaf already chosen, or finds nothing left."""
+        leaves: list[Node[S]] = []
+        try:
+            while len(leaves) < count:
+                leaf = self.select(root)
+                if leaf is None or any(leaf is chosen for chosen in leaves):
+                    break
+                self._mark(leaf, +1)
+                leaves.append(leaf)
+        except BaseException:
+            for leaf in leaves:
+                self._mark(leaf, -1)
+            raise
+        return leaves
+
+    async def _simulate(self, root: Node[S], leaf: Node[S],
+                        after_simulation: Callable[[Node[S]], None] | None) -> None:
+        try:
+            await self.expand(leaf)
+        finally:
+            self._mark(leaf, -1)
+        if after_simulation is not None:
+            after_simulation(root)
+
+    @staticmethod
+    def _mark(leaf: Node[S], delta: int) -> None:
+        """Add (+1) or lift (-1) one virtual loss on the path from ``leaf`` to the root."""
+        current: Node[S] | None = leaf
+        while current is not None:
+            current.pending += delta
+            current = current.parent
+
     def select(self, root: Node[S]) -> Node[S] | None:
-        """Descend by UCT to a node that can still be expanded."""
+        """Descend by UCT (virtual losses included) to a node that can still be expanded."""
         node = root
         while node.expanded:
             open_children = [c for c in node.children if self._expandable(c)]
@@ -98,8 +158,8 @@ class MCTS(Generic[S]):
                     return None
                 node = root
                 continue
-            parent_visits = max(node.visits, 1)
-            node = max(open_children, key=lambda c: uct(c, parent_visits, self.exploration))
+            parent_visits = max(node.visits + node.pending * self.virtual_loss if node.pending else node.visits, 1)
+            node = max(open_children, key=lambda c: uct(c, parent_visits, self.exploration, self.virtual_loss))
         return node
 
     @staticmethod

@@ -126,6 +126,7 @@ def test_solve_every_strategy_end_to_end(http, engine):
         "self-refine": ({"max_rounds": 1, "feedback_max_tokens": 24}, {"chains", "best"}),
         "mcts": ({"simulations": 2, "branching": 2, "value_samples": 1}, {"tree", "chosen"}),
         "checklist-bon": ({"n": 2, "max_items": 2, "checklist_max_tokens": 48}, {"checklist", "candidates", "chosen"}),
+        "best-of-n": ({"n": 2}, {"candidates", "chosen"}),
     }
     for strategy, (params, trace_keys) in cases.items():
         prompt_before = engine_metric(engine, "vllm:prompt_tokens_total")

@@ -15,7 +15,6 @@ import json
 import time
 from typing import Any, AsyncIterator
 
-import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -81,7 +80,7 @@ class OpenAIServing:
             try:
                 async for chunk in chunks:
                     yield chunk
-            except httpx.HTTPError as exc:  # the backend broke off mid-stream: say so, then end
+            except BackendError as exc:  # the backend broke off mid-stream: say so, then end
                 body = error_body(502, f"backend stream interrupted: {type(exc).__name__}", type_="backend_error")
                 yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
             finally:

@@ -1,0 +1,72 @@
+"""LLM-judge Best-of-N (optillm's ``bon``), with the ratings issued concurrently.
+
+N candidates are drawn in one ``n=N`` request; the model then rates every distinct
+candidate 0-10 with the ``SCORE`` prompt, all ratings at once rather than one after
+another. ``judge_samples`` ratings per candidate travel as one ``n`` request and are
+averaged; an unparseable rating counts as 0. The best mean wins, ties going to the
+earliest sample. A single greedy rating (the default) is cached by content.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from . import prompts
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register
+from .protocol import GenerationRequest
+
+
+class BestOfNParams(StrategyParams):
+    n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
+    temperature: float = Field(0.8, ge=0, le=2)
+    judge_samples: int = Field(1, ge=1, le=16, description="Ratings per candidate, averaged (1 = one greedy rating).",
+                               json_schema_extra={"limit": "samples"})
+    judge_temperature: float = Field(0.7, ge=0, le=2, description="Rating temperature when judge_samples > 1.")
+
+
+@register
+class BestOfN(Strategy):
+    name = "best-of-n"
+    description = "Sample N candidates, have the model rate each 0-10, return the best-rated."
+    Params = BestOfNParams
+
+    async def run(self, ctx: RunContext, params: BestOfNParams) -> Candidate:
+        candidates = await ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature))
+        ctx.propose(candidates[0])
+        distinct = list(dict.fromkeys(c.text for c in candidates))  # identical texts are rated once
+        ratings = dict(zip(distinct, await self._rate(ctx, params, distinct)))
+        parsed = [[prompts.parse_score(reply) for reply in ratings[c.text]] for c in candidates]
+        means = [sum(s or 0.0 for s in row) / len(row) for row in parsed]
+        best = max(range(len(candidates)), key=means.__getitem__)  # max keeps the first of equals
+        ctx.propose(candidates[best], score=means[best])
+        ctx.trace["candidates"] = [
+            {"text": c.text, "scores": [None if s is None else round(s, 4) for s in row], "score": round(m, 4)}
+            for c, row, m in zip(candidates, parsed, means)
+        ]
+        ctx.trace["unparsed"] = sum(s is None for row in parsed for s in row)
+        ctx.trace["chosen"] = best
+        ctx.emit("verdicts", scores=[round(m, 4) for m in means], chosen=best)
+        return Candidate.of(candidates[best])
+
+    async def _rate(self, ctx: RunContext, params: BestOfNParams, texts: list[str]) -> list[list[str]]:
+        """Each text's rating replies, all issued at once: one batch, or, for cacheable
+        greedy ratings, concurrent cached lookups that rate only the misses."""
+        greedy = params.judge_samples == 1
+        requests = [
+            ctx.task.aux_request(prompts.SCORE.format(task=ctx.task.instruction, response=text),
+                                 n=params.judge_samples, temperature=0.0 if greedy else params.judge_temperature,
+                                 max_tokens=4)
+            for text in texts
+        ]
+        if not (greedy and ctx.use_cache):
+            return [[c.text for c in g.choices] for g in await ctx.generate(requests)]
+
+        async def rate(request: GenerationRequest) -> str:
+            (choice,) = await ctx.sample(request)
+            return choice.text
+
+        keys = [cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.instruction, text) for text in texts]
+        replies = await gather_or_cancel(*(
+            ctx.cached("judgment", key, lambda r=request: rate(r)) for key, request in zip(keys, requests)
+        ))
+        return [[reply] for reply in replies]

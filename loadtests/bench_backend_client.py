@@ -1,7 +1,6 @@
-"""What one backend call costs ponder's process, by HTTP client: ponder's ``HTTPBackend`` as it
-is (up to ``b3cf86f`` one ``httpx.AsyncClient`` pool of ``PONDER_BACKEND_MAX_CONCURRENCY`` = 256;
-since ``722ef72`` several small pools, the least busy first) against alternatives, on the fan-out pattern strategies use (checklist-bon sends N×K = 32 judgments
-at once).
+"""What one backend call costs ponder's process, by HTTP client, on the fan-out pattern
+strategies use (checklist-bon sends N×K = 32 judgments at once): ponder's ``HTTPBackend`` as
+``ponder serve`` builds it (aiohttp since ``342cd71``) against the httpx set-ups it replaced.
 
 Starts the mock backend (ttft 20 ms, tpot 2 ms) in a subprocess on a free loopback port, then
 in this process, for each client: ``--rounds`` fan-outs of ``--width`` concurrent 1-token
@@ -13,31 +12,36 @@ as the mock saw it (first to last request start, from ``loadtests.recording_mock
 
 Clients:
 
-* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it.
-* ``httpx-pool32``: the same class with ``max_concurrency=32``.
-* ``httpx-sharded``: 8 ``httpx.AsyncClient`` of 32 connections each, a call picks the least busy.
-* ``httpx2``: ``HTTPBackend`` with its clients replaced by one pydantic ``httpx2`` pool of 256
-  (``httpx2`` is in the venv already, pulled in by ``openai``), whose pool fixes the per-request rescans (pydantic/httpx2 #974,
-  #1075, #1076; upstream encode/httpcore #1035 is still open).
-* ``aiohttp``: one ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``), same request bodies
-  (``HTTPBackend.request_body``) and the same response parsing (``parse_generation``).
+* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it: one
+  ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``), with its routing, retries and
+  concurrency limit.
+* ``httpx-pool256``: one ``httpx.AsyncClient`` with 256 connections (ponder's backend up to
+  ``b3cf86f``), whose pool scans every pooled connection each time a request takes or returns one.
+* ``httpx-sharded``: 8 ``httpx.AsyncClient`` of 32 connections each, a call on the least busy
+  (ponder's backend from ``722ef72`` to ``5dab907``).
+* ``httpx2``: one pool of 256 on pydantic's ``httpx2`` fork (same API), whose pool no longer
+  rescans per request (pydantic/httpx2 #974, #1075, #1076; upstream encode/httpcore #1035 is
+  still open). ``openai`` pulls it into the venv; without it the client is skipped with a note.
+
+The httpx clients build the same request bodies (``HTTPBackend.request_body``) and parse the
+replies the same way (``parse_generation``), without ponder's routing or retries.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
+from types import ModuleType
 from typing import Any, Callable
 
 import httpx
 
 from loadtests import harness
 from service.backends import BackendConfig, HTTPBackend, parse_generation
-from strategies.protocol import GenerationRequest
+from strategies.protocol import Generation, GenerationRequest
 
 JUDGE = ("Instruction:\nWhat is 6 times 7?\n\nResponse:\nThe answer is 42.\n\nQuestion about the response: "
          "Does the response state a single final answer?\nAnswer YES or NO.\n\nAnswer:")
@@ -48,73 +52,39 @@ def judge_requests(width: int) -> list[GenerationRequest]:
                               temperature=0.0, max_tokens=3) for i in range(width)]
 
 
-class ShardedHTTPX:
-    def __init__(self, url: str, shards: int = 8, per_shard: int = 32) -> None:
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        self.clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(shards)]
-        self.busy = [0] * shards
-        self.url = url
-        self.helper = HTTPBackend(BackendConfig(urls=[url], default_model=harness.MODEL))
+def ponder_backend(url: str) -> HTTPBackend:
+    return HTTPBackend(BackendConfig(urls=[url], default_model=harness.MODEL))
 
-    async def one(self, request: GenerationRequest):
+
+class HTTPXPools:
+    """``pools`` clients of ``module`` (``httpx`` or a fork with its API), ``per_pool`` connections
+    each; every call goes through the least busy one."""
+
+    def __init__(self, module: ModuleType, url: str, *, pools: int = 1, per_pool: int = 256) -> None:
+        limits = module.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        self.clients = [module.AsyncClient(limits=limits, timeout=30) for _ in range(pools)]
+        self.busy = [0] * pools
+        self.url = url + "/v1/chat/completions"
+        self.bodies = ponder_backend(url)  # only its request_body: it never opens a connection
+
+    async def one(self, request: GenerationRequest) -> Generation:
         i = min(range(len(self.clients)), key=self.busy.__getitem__)
         self.busy[i] += 1
         try:
-            body = await self.helper.request_body(request)
-            response = await self.clients[i].post(self.url + "/v1/chat/completions", json=body)
+            response = await self.clients[i].post(self.url, json=await self.bodies.request_body(request))
             return parse_generation(response.json(), chat=True)
         finally:
             self.busy[i] -= 1
 
-    async def generate(self, requests):
+    async def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         return await asyncio.gather(*(self.one(r) for r in requests))
 
     async def aclose(self) -> None:
-        for c in self.clients:
-            await c.aclose()
-        await self.helper.aclose()
+        for client in self.clients:
+            await client.aclose()
 
 
-def with_httpx2(backend: HTTPBackend) -> HTTPBackend:
-    """ponder's HTTPBackend with its client swapped for pydantic's ``httpx2`` fork (same API; its
-    connection pool no longer rescans every connection per request)."""
-    import httpx2
-
-    limits = httpx2.Limits(max_connections=backend.config.max_concurrency,
-                           max_keepalive_connections=backend.config.max_concurrency)
-    old = backend.clients
-    backend.clients = [httpx2.AsyncClient(timeout=backend.config.read_timeout, limits=limits)]
-    backend._client_load = [0]
-    for client in old:
-        asyncio.get_event_loop().create_task(client.aclose())
-    return backend
-
-
-class AiohttpGenerator:
-    def __init__(self, url: str) -> None:
-        import aiohttp
-
-        self.url = url
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
-                                             timeout=aiohttp.ClientTimeout(total=30))
-        self.helper = HTTPBackend(BackendConfig(urls=[url], default_model=harness.MODEL))
-
-    async def one(self, request: GenerationRequest):
-        body = await self.helper.request_body(request)
-        async with self.session.post(self.url + "/v1/chat/completions", data=json.dumps(body),
-                                     headers={"content-type": "application/json"}) as response:
-            data = json.loads(await response.read())
-        return parse_generation(data, chat=True)
-
-    async def generate(self, requests):
-        return await asyncio.gather(*(self.one(r) for r in requests))
-
-    async def aclose(self) -> None:
-        await self.session.close()
-        await self.helper.aclose()
-
-
-async def bench(name: str, make: Callable[[], Any], mock_url: str, width: int, rounds: int) -> dict[str, Any]:
+async def bench(make: Callable[[], Any], mock_url: str, width: int, rounds: int) -> dict[str, float]:
     client = make()
     requests = judge_requests(width)
     try:
@@ -134,27 +104,30 @@ async def bench(name: str, make: Callable[[], Any], mock_url: str, width: int, r
             spreads.append(max(starts) - min(starts))
     finally:
         await client.aclose()
-    return {"client": name, "cpu_ms_per_call": cpu * 1000 / (rounds * width),
-            "fanout_wall_ms_p50": statistics.median(walls) * 1000,
+    return {"cpu_ms_per_call": cpu * 1000 / (rounds * width), "fanout_wall_ms_p50": statistics.median(walls) * 1000,
             "dispatch_spread_ms_p50": statistics.median(spreads) * 1000}
 
 
-async def run(mock_url: str, width: int, rounds: int) -> list[dict[str, Any]]:
+def clients(mock_url: str) -> dict[str, Callable[[], Any]]:
     makers: dict[str, Callable[[], Any]] = {
-        "ponder": lambda: HTTPBackend(BackendConfig(urls=[mock_url], default_model=harness.MODEL)),
-        "httpx-pool32": lambda: HTTPBackend(BackendConfig(urls=[mock_url], default_model=harness.MODEL,
-                                                          max_concurrency=32)),
-        "httpx-sharded": lambda: ShardedHTTPX(mock_url),
-        "httpx2": lambda: with_httpx2(HTTPBackend(BackendConfig(urls=[mock_url], default_model=harness.MODEL))),
-        "aiohttp": lambda: AiohttpGenerator(mock_url),
+        "ponder": lambda: ponder_backend(mock_url),
+        "httpx-pool256": lambda: HTTPXPools(httpx, mock_url),
+        "httpx-sharded": lambda: HTTPXPools(httpx, mock_url, pools=8, per_pool=32),
     }
-    results = []
-    for name, make in makers.items():
-        r = await bench(name, make, mock_url, width, rounds)
-        print(f"{name:14s} CPU {r['cpu_ms_per_call']:.3f} ms/call, fan-out of {width}: wall {r['fanout_wall_ms_p50']:.1f} ms, "
-              f"dispatch spread {r['dispatch_spread_ms_p50']:.1f} ms", flush=True)
-        results.append(r)
-    return results
+    try:
+        import httpx2
+    except ImportError as exc:
+        print(f"httpx2 skipped: {exc}", flush=True)
+    else:
+        makers["httpx2"] = lambda: HTTPXPools(httpx2, mock_url)
+    return makers
+
+
+async def run(mock_url: str, width: int, rounds: int) -> None:
+    for name, make in clients(mock_url).items():
+        r = await bench(make, mock_url, width, rounds)
+        print(f"{name:14s} CPU {r['cpu_ms_per_call']:.3f} ms/call, fan-out of {width}: "
+              f"wall {r['fanout_wall_ms_p50']:.1f} ms, dispatch spread {r['dispatch_spread_ms_p50']:.1f} ms", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,14 +7,13 @@ Runs, one after the other, into one folder (``loadtests/reports/<timestamp>-benc
 3. ``loadtests.compare_optillm``   side by side with optillm 0.4.0            -> ``optillm/``
 4. ``loadtests.service_cost``      ponder CPU per request, RSS at 64 users    -> ``cost/``
 
-then writes ``summary.md`` and ``summary.json``: each target, the measured figure, met or not.
-About 15 minutes on a 2-core machine.
+then writes ``summary.md`` and ``summary.json``: each target, the measured figure, met or not,
+under the source version measured (the commit, and whether ``service/`` or ``strategies/``
+differ from it). About 17 minutes on a 2-core machine.
 
-    .venv/bin/python -m loadtests.benchmark [--quick] [--wait-quiet 600]
+    .venv/bin/python -m loadtests.benchmark [--quick] [--wait-quiet 600] [--out DIR]
 
 ``--quick`` shortens every step (for a smoke test; the figures are then rough).
-``--ponder-variant fixed`` measures ponder with the fixes suggested in docs/performance.md applied
-in-process (``loadtests/ponder_whatif.py``), for comparison with the stock run.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import compare_optillm, distance_to_limit, harness, run_load, service_cost
-from loadtests.harness import ROOT
 
 
 def targets(out: Path) -> list[dict[str, Any]]:
@@ -74,8 +72,7 @@ def targets(out: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"# ponder benchmark — {meta['started']} (ponder: {meta.get('ponder_variant', 'stock')}, "
-             f"commit {meta.get('source', 'unknown')})", "",
+    lines = [f"# ponder benchmark — {meta['started']} (source {meta.get('source', 'unknown')})", "",
              f"Mock timing {json.dumps(harness.MOCK_TIMING)}; other load on the machine before each part: "
              + ", ".join(f"{k} {v:.2f} cores" for k, v in meta["background"].items()) + ".", "",
              "| figure | measured | target | met | detail |", "|---|---:|---|---|---|"]
@@ -91,45 +88,24 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each part, wait up to this long for the machine's other load to drop")
-    parser.add_argument("--ponder-variant", choices=["stock", "fixed", "fixed-httpx2"], default="stock",
-                        help="fixed / fixed-httpx2: ponder with the suggested fixes applied in-process "
-                             "(loadtests/ponder_whatif.py)")
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--summarize-only", action="store_true",
                         help="only (re)write summary.md/json from the parts already in --out")
+    harness.add_run_args(parser)
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
-    out = args.out or ROOT / "loadtests" / "reports" / (harness.timestamp() + "-benchmark")
-    out.mkdir(parents=True, exist_ok=True)
-    if args.summarize_only:
-        return summarize(out, {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "background": {},
-                               "ponder_variant": args.ponder_variant, "source": source_version()})
-    quiet = ["--wait-quiet", str(args.wait_quiet), "--ponder-variant", args.ponder_variant]
-    step = "3" if args.quick else "6"
+    out = harness.report_dir(args.out, "benchmark")
     meta: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "background": {},
-                            "ponder_variant": args.ponder_variant, "source": source_version()}
+                            "source": harness.source_version()}
+    if args.summarize_only:
+        return summarize(out, meta)
+    quiet = ["--wait-quiet", str(args.wait_quiet)]
+    step = "3" if args.quick else "6"
     drain = ["--drain", "0.5"] if args.quick else []
     run_load.main(["--out", str(out / "load"), "--step-seconds", step, *drain, *quiet])
     distance_to_limit.main(["--out", str(out / "distance"), "--runs", "4" if args.quick else "12", *quiet])
     compare_optillm.main(["--out", str(out / "optillm"), "--step-seconds", "3" if args.quick else "7", *drain, *quiet])
     service_cost.main(["--out", str(out / "cost"), "--scale", "0.3" if args.quick else "1", *quiet])
     return summarize(out, meta)
-
-
-def source_version() -> str:
-    """The commit measured, and whether service/ or strategies/ differ from it (read-only git)."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "strategies"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" (service/ or strategies/ modified)" if dirty else "")
 
 
 def summarize(out: Path, meta: dict[str, Any]) -> int:

@@ -1,7 +1,8 @@
 """Side by side with optillm 0.4.0: same mock backend, same concurrency, same sample counts.
 
 One run starts the mock vLLM backend (``loadtests.recording_mock``: ttft 20 ms, tpot 2 ms,
-32-token answers), ``ponder serve`` and optillm's proxy, both pointed at that mock, then:
+32-token answers), ``ponder serve`` and optillm's proxy (only if an optillm contender is chosen),
+both pointed at that mock, then:
 
 1. counts, for every contender, the backend calls one request makes and its sequential backend
    rounds (from the mock's request log, at concurrency 1);
@@ -17,12 +18,17 @@ Pairs (optillm approaches read from its 0.4.0 source):
 * self-consistency k=8 vs optillm's ``majority_voting`` plugin (one ``n=k`` call, ``k: 8`` in the
   body, its default) and vs optillm's ``self_consistency`` (5 samples, one after the other — the
   count is fixed in its code, ``AdvancedSelfConsistency(num_samples=5)``, and cannot be set);
-* Best-of-N n=8: ponder's ``checklist-bon`` vs optillm's ``bon`` (one ``n=8`` call, then one
-  rating call per candidate, one after the other; its n is server-wide: ``--best-of-n 8``).
-  ponder has no plain LLM-judge Best-of-N, only the checklist one;
-* MCTS at matched backend calls: optillm's ``mcts`` defaults (2 simulations, depth 1, 3 actions:
-  14 calls, all sequential) vs ponder ``mcts`` with ``simulations 4, branching 1`` (14 calls), and
-  vs ``simulations 2, branching 2`` (12 calls, fewer sequential rounds).
+* Best-of-N n=8, the same algorithm: ponder's ``best-of-n`` vs optillm's ``bon``. Both draw the
+  8 candidates in one ``n=8`` call and then have the model rate each 0-10 (9 calls); optillm
+  rates them one after the other (9 sequential rounds), ponder all at once (2 rounds). optillm's
+  n is server-wide: ``--best-of-n 8``;
+* Best-of-N n=8, ponder's ``checklist-bon`` (a checklist alongside the 8 samples, then 8 × K
+  yes/no judgments at once: 2 rounds) vs the same optillm ``bon``;
+* MCTS around optillm's budget: optillm's ``mcts`` defaults (2 simulations, depth 1, 3 actions:
+  14 calls, all sequential) vs ponder ``mcts`` with ``simulations 4, branching 1`` (14 calls, 14
+  rounds), and bracketed by ``simulations 2, branching 2`` (12 calls) and ``simulations 2,
+  branching 3`` (16 calls), both in 8 rounds (ponder's MCTS: 2 + simulations × (1 + 2 ×
+  branching) calls in 2 + 3 × simulations rounds).
 
 optillm runs in its own virtual environment, ``loadtests/.optillm-venv`` (created on first use;
 it ignores itself in git). ``pip install optillm==0.4.0`` with its declared dependencies does not
@@ -31,7 +37,10 @@ resolve: it asks for ``transformers>=5`` and, through ``adaptive-classifier`` �
 installs optillm with ``--no-deps`` plus the packages its server imports (``OPTILLM_DEPS``); the
 plugins that need torch/transformers/selenium/outlines fail to load and are not used here.
 
-    .venv/bin/python -m loadtests.compare_optillm [--step-seconds 6] [--out DIR]
+    .venv/bin/python -m loadtests.compare_optillm [--step-seconds 7] [--out DIR]
+    .venv/bin/python -m loadtests.compare_optillm --contenders "ponder best-of-n n=8" "optillm bon n=8"
+
+The report records the source version of ponder measured.
 
 Every server binds 127.0.0.1; every locust run stops by itself.
 """
@@ -47,7 +56,7 @@ import sys
 import tempfile
 import time
 import venv
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,13 +80,15 @@ CONTENDERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ponder self-consistency k=8": ("ponder", "ProxySelfConsistency", {"k": 8}),
     "optillm majority_voting k=8": ("optillm", "majority_voting", {"k": 8}),
     "optillm self_consistency (5)": ("optillm", "self_consistency", {}),
-    "ponder checklist-bon n=8": ("ponder", "ProxyChecklistBoN", {"n": 8}),
+    "ponder best-of-n n=8": ("ponder", "ProxyBestOfN", {"n": 8}),
     "optillm bon n=8": ("optillm", "bon", {}),
+    "ponder checklist-bon n=8": ("ponder", "ProxyChecklistBoN", {"n": 8}),
     "ponder mcts s4 b1": ("ponder", "ProxyMCTS", {"simulations": 4, "branching": 1, "value_samples": 2}),
     "optillm mcts (defaults)": ("optillm", "mcts", {}),
     "ponder mcts s2 b2": ("ponder", "ProxyMCTS", {"simulations": 2, "branching": 2, "value_samples": 2}),
+    "ponder mcts s2 b3": ("ponder", "ProxyMCTS", {"simulations": 2, "branching": 3, "value_samples": 2}),
 }
-STRATEGY_OF = {"ProxyPassthrough": "none", "ProxySelfConsistency": "self-consistency",
+STRATEGY_OF = {"ProxyPassthrough": "none", "ProxySelfConsistency": "self-consistency", "ProxyBestOfN": "best-of-n",
                "ProxyChecklistBoN": "checklist-bon", "ProxyMCTS": "mcts"}
 
 # (pair, ponder contender, optillm contender, targets: {metric: (op, bound)})
@@ -87,11 +98,15 @@ PAIRS = [
      {"p50@1": ("<=", 1.0), "p50@16": ("<=", 1.0), "rps@64": (">=", 2.0)}),
     ("self-consistency k=8 vs self_consistency", "ponder self-consistency k=8", "optillm self_consistency (5)",
      {"p50@1": ("<=", 0.3), "p50@16": ("<=", 0.3)}),
+    ("Best-of-N n=8: best-of-n vs bon", "ponder best-of-n n=8", "optillm bon n=8",
+     {"p50@1": ("<=", 0.5), "p50@16": ("<=", 0.5)}),
     ("Best-of-N n=8: checklist-bon vs bon", "ponder checklist-bon n=8", "optillm bon n=8",
      {"p50@1": ("<=", 0.5), "p50@16": ("<=", 0.5)}),
     ("MCTS, 14 calls each (ponder s4 b1)", "ponder mcts s4 b1", "optillm mcts (defaults)",
      {"p50@1": ("<=", 0.5), "p50@16": ("<=", 0.5)}),
     ("MCTS, 12 vs 14 calls (ponder s2 b2)", "ponder mcts s2 b2", "optillm mcts (defaults)",
+     {"p50@1": ("<=", 0.5), "p50@16": ("<=", 0.5)}),
+    ("MCTS, 16 vs 14 calls (ponder s2 b3)", "ponder mcts s2 b3", "optillm mcts (defaults)",
      {"p50@1": ("<=", 0.5), "p50@16": ("<=", 0.5)}),
 ]
 
@@ -205,7 +220,8 @@ def fmt(x: float | None, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     t = harness.MOCK_TIMING
     lines = [
-        f"# ponder vs optillm {OPTILLM_VERSION} — {report['started']} (ponder: {report.get('ponder_variant', 'stock')})", "",
+        f"# ponder vs optillm {OPTILLM_VERSION} — {report['started']} "
+        f"(ponder source {report.get('source', 'unknown')})", "",
         f"Same mock backend for both (ttft {t['ttft_ms']:g} ms, tpot {t['tpot_ms']:g} ms, {t['tokens']}-token answers, "
         f"batch slope {t['batch_slope']:g}), same request (one user message, max_tokens {harness.MAX_TOKENS}), "
         f"locust closed loop, {report['config']['step_seconds']:g} s per step (requests timed if they start after its "
@@ -277,34 +293,32 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step-seconds", type=float, default=7.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--drain", type=float, default=1.5,
-                        help="requests starting in the last DRAIN seconds of a step are not timed")
     parser.add_argument("--contenders", nargs="*", default=None, help="subset of: " + "; ".join(CONTENDERS))
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for the machine's other load to drop below 0.3 cores")
-    parser.add_argument("--ponder-variant", choices=["stock", "fixed", "fixed-httpx2"], default="stock",
-                        help="fixed / fixed-httpx2: ponder with the suggested fixes applied in-process "
-                             "(loadtests/ponder_whatif.py)")
+    harness.add_run_args(parser, step_seconds=7.0)
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
     chosen = args.contenders or list(CONTENDERS)
-    out_dir = args.out or ROOT / "loadtests" / "reports" / (harness.timestamp() + "-optillm")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_optillm()
+    unknown = [c for c in chosen if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contenders: {unknown}")
+    with_optillm = any(CONTENDERS[c][0] == "optillm" for c in chosen)  # ponder alone needs no optillm
+    out_dir = harness.report_dir(args.out, "optillm")
+    if with_optillm:
+        ensure_optillm()
     report: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "optillm": OPTILLM_VERSION, "ponder_variant": args.ponder_variant, "mock": harness.MOCK_TIMING,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": harness.source_version(),
+        "optillm": OPTILLM_VERSION, "mock": harness.MOCK_TIMING,
         "config": {"steps": STEPS, "step_seconds": args.step_seconds, "warmup": args.warmup, "drain": args.drain},
         "background_cores": harness.wait_quiet(0.3, args.wait_quiet), "contenders": {},
     }
     print(f"{len(chosen)} contenders x {len(STEPS)} steps x {args.step_seconds:g} s: about "
           f"{len(chosen) * (len(STEPS) * args.step_seconds + 8) / 60:.1f} min -> {out_dir}", flush=True)
-    with harness.mock_server(recording=True, log_dir=out_dir) as mock, \
-            harness.ponder_server(mock.url, log_dir=out_dir, variant=args.ponder_variant) as ponder, \
-            optillm_server(mock.url, log_dir=out_dir) as optillm:
-        servers = {"ponder": ponder, "optillm": optillm}
+    with ExitStack() as stack:
+        mock = stack.enter_context(harness.mock_server(recording=True, log_dir=out_dir))
+        ponder = stack.enter_context(harness.ponder_server(mock.url, log_dir=out_dir))
+        servers = {"ponder": ponder}
+        if with_optillm:
+            servers["optillm"] = stack.enter_context(optillm_server(mock.url, log_dir=out_dir))
         for name in chosen:
             side, target, params = CONTENDERS[name]
             server = servers[side]
@@ -317,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                 env["LOAD_PARAMS"] = json.dumps(params)
                 cls = target
             else:
-                env.update({"LOAD_OPTILLM_URL": optillm.url, "LOAD_OPTILLM_APPROACH": target,
+                env.update({"LOAD_OPTILLM_URL": server.url, "LOAD_OPTILLM_APPROACH": target,
                             "LOAD_OPTILLM_EXTRA": json.dumps(params)})
                 cls = "Optillm"
             label = name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
-            with Sampler({"ponder": ponder.pid, "optillm": optillm.pid, "mock": mock.pid}) as sampler:
+            with Sampler({side: srv.pid for side, srv in servers.items()} | {"mock": mock.pid}) as sampler:
                 record = run_scenario(cls, ponder_url=ponder.url, mock_url=mock.url, steps=STEPS,
                                       step_seconds=args.step_seconds, out_dir=out_dir, extra_env=env,
                                       host=server.url, label=label)

@@ -13,9 +13,10 @@ Two floors, two ratios (medians over the runs):
 * ``wall / floor`` — the brief's definition: floor = algorithmic rounds × one mock round trip,
   where one round trip is the median latency of calling the mock directly with the task's own
   request (a full 32-token answer) from this script. Rounds: none 1, self-consistency 1,
-  checklist-bon 2 (checklist ∥ samples, then all judgments), self-refine and MCTS as counted
-  from the mock's log (checked against the trace: self-refine 1 draft + 1 feedback per version
-  + 1 refine per round; MCTS 2 + 3 per simulation in refine mode).
+  best-of-n 2 (the n samples in one request, then all ratings), checklist-bon 2 (checklist ∥
+  samples, then all judgments), self-refine and MCTS as counted from the mock's log (checked
+  against the trace: self-refine 1 draft + 1 feedback per version + 1 refine per round; MCTS
+  2 + 3 per simulation in refine mode).
 * ``wall / exact`` — exact floor = the mock's own service time along the critical path + one
   direct HTTP round-trip overhead (direct latency − the mock's service time) per round. This is
   what a zero-overhead client issuing the same requests in the same order would take: the
@@ -23,10 +24,11 @@ Two floors, two ratios (medians over the runs):
   Short judge/score replies (1–2 tokens) make a round shorter than a full answer, which is why
   ``wall / floor`` can be below 1 while ``wall / exact`` cannot.
 
-    .venv/bin/python -m loadtests.distance_to_limit [--runs 12] [--surfaces proxy,rest] [--out DIR]
+    .venv/bin/python -m loadtests.distance_to_limit [--runs 12] [--surfaces proxy,rest]
+        [--strategies best-of-n,mcts] [--out DIR]
 
 Writes ``distance.json`` and ``distance.md`` into ``--out`` (default
-``loadtests/reports/<timestamp>-distance``).
+``loadtests/reports/<timestamp>-distance``), with the source version measured.
 """
 
 from __future__ import annotations
@@ -36,22 +38,24 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from loadtests import harness
-from loadtests.harness import ROOT
 from loadtests.recording_mock import critical_path
 
-STRATEGIES = ["none", "self-consistency", "checklist-bon", "self-refine", "mcts"]
+STRATEGIES = ["none", "self-consistency", "best-of-n", "checklist-bon", "self-refine", "mcts"]
+# The reply kind of the judgments that strategies with a judging round fan out all at once.
+JUDGE_KIND = {"best-of-n": "score", "checklist-bon": "yesno"}
 
 
 def algorithmic_rounds(strategy: str, params: dict[str, Any], trace: dict[str, Any]) -> int | None:
     """The sequential rounds the algorithm needs, from its parameters and trace."""
     if strategy in ("none", "self-consistency"):
         return 1
+    if strategy == "best-of-n":
+        return 2  # the n samples in one request, then every distinct candidate's rating at once
     if strategy == "checklist-bon":
         return 2 + (2 if params.get("refine") else 0)
     if strategy == "self-refine":
@@ -75,9 +79,11 @@ def algorithmic_rounds(strategy: str, params: dict[str, Any], trace: dict[str, A
 def phases(strategy: str, params: dict[str, Any], log: list[dict[str, Any]]) -> list[list[dict[str, Any]]] | None:
     """The backend requests of one run grouped into the algorithm's rounds, where the mock's log
     alone cannot tell (a wide fan-out); None: the critical path of the log is the answer."""
-    if strategy == "checklist-bon" and not params.get("refine"):
-        first = [e for e in log if e["kind"] != "yesno"]  # the n samples and the checklist, concurrently
-        judges = [e for e in log if e["kind"] == "yesno"]  # all N x K judgments at once
+    if strategy in JUDGE_KIND and not params.get("refine"):
+        # best-of-n: the n samples, then one rating per candidate; checklist-bon: the samples and
+        # the checklist concurrently, then all N x K judgments.
+        first = [e for e in log if e["kind"] != JUDGE_KIND[strategy]]
+        judges = [e for e in log if e["kind"] == JUDGE_KIND[strategy]]
         return [g for g in (first, judges) if g]
     return None
 
@@ -182,7 +188,7 @@ def measure(ponder_url: str, mock_url: str, surface: str, strategy: str, runs: i
 def markdown(result: dict[str, Any]) -> str:
     d = result["direct"]
     lines = [
-        f"# Distance to the limit — {result['started']} (ponder: {result.get('ponder_variant', 'stock')})", "",
+        f"# Distance to the limit — {result['started']} (source {result.get('source', 'unknown')})", "",
         f"Mock: ttft {harness.MOCK_TIMING['ttft_ms']:g} ms, tpot {harness.MOCK_TIMING['tpot_ms']:g} ms, "
         f"{harness.MOCK_TIMING['tokens']}-token answers. One direct mock round trip (full answer): "
         f"{d['rtt_ms']:.1f} ms, of which the mock's own time {d['service_ms']:.1f} ms and HTTP "
@@ -200,11 +206,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['exact_floor_ms_p50']:.1f} | **{r['wall_over_exact_p50']:.3f}** "
             f"| {r['overhead_ms_p50']:.1f} ({r['overhead_per_round_ms_p50']:.2f}) |")
     for r in result["results"]:
-        if r.get("fanout_dispatch_spread_ms_p50") is not None:
-            lines += ["", f"{r['surface']} {r['strategy']}: the widest fan-out (the judgments) reached the mock over "
-                      f"{r['fanout_dispatch_spread_ms_p50']:.1f} ms from first to last request (median); the log's "
-                      f"longest chain of non-overlapping requests has {'/'.join(map(str, r['rounds_observed']))} links "
-                      f"because late judgments start after early ones have finished — the algorithm's rounds are 2."]
+        if r.get("fanout_dispatch_spread_ms_p50") is None:
+            continue
+        note = (f"{r['surface']} {r['strategy']}: the widest fan-out (the judgments) reached the mock over "
+                f"{r['fanout_dispatch_spread_ms_p50']:.1f} ms from first to last request (median)")
+        if max(r["rounds_observed"]) > max(r["rounds_algorithmic"]):
+            note += (f"; the log's longest chain of non-overlapping requests has "
+                     f"{'/'.join(map(str, r['rounds_observed']))} links because late judgments start after early "
+                     f"ones have finished — the algorithm's rounds are {'/'.join(map(str, r['rounds_algorithmic']))}")
+        lines += ["", note + "."]
     lines += ["", "Critical paths (reply kind × n, in order):", ""]
     for r in result["results"]:
         lines.append(f"- {r['surface']} {r['strategy']}: {' → '.join(r['example_chain'])}")
@@ -216,21 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--surfaces", default="proxy,rest")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for the machine's other load to drop below 0.3 cores")
-    parser.add_argument("--ponder-variant", choices=["stock", "fixed", "fixed-httpx2"], default="stock",
-                        help="fixed / fixed-httpx2: ponder with the suggested fixes applied in-process "
-                             "(loadtests/ponder_whatif.py)")
+    harness.add_run_args(parser)
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
-    out_dir = args.out or ROOT / "loadtests" / "reports" / (harness.timestamp() + "-distance")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs,
-                              "mock": harness.MOCK_TIMING, "results": [], "ponder_variant": args.ponder_variant}
+    out_dir = harness.report_dir(args.out, "distance")
+    result: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": harness.source_version(),
+                              "runs": args.runs, "mock": harness.MOCK_TIMING, "results": []}
     result["background_cores"] = harness.wait_quiet(0.3, args.wait_quiet)
     with harness.mock_server(recording=True, log_dir=out_dir) as mock, \
-            harness.ponder_server(mock.url, log_dir=out_dir, variant=args.ponder_variant) as ponder:
+            harness.ponder_server(mock.url, log_dir=out_dir) as ponder:
         result["direct"] = direct_round_trip(mock.url, max(args.runs, 20))
         print(f"direct round trip {result['direct']['rtt_ms']:.1f} ms", flush=True)
         for surface in args.surfaces.split(","):

@@ -1,11 +1,13 @@
 """Shared plumbing of the load and performance scripts: processes on free loopback ports,
-readiness, CPU and memory of a process, percentiles, and a minimal closed-loop client.
+readiness, CPU and memory of a process, percentiles, a minimal closed-loop client, and the
+command-line options, report folder and source version every script shares.
 
 Every server started here binds 127.0.0.1 and every request goes there.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -195,20 +197,11 @@ def mock_server(timing: dict[str, Any] | None = None, *, recording: bool = True,
 
 
 @contextlib.contextmanager
-def ponder_server(backend_url: str, *, log_dir: Path | None = None, env: dict[str, str] | None = None,
-                  variant: str | None = None) -> Iterator[Server]:
-    """``ponder serve`` in front of ``backend_url`` (in-process cache, no auth). ``variant="fixed"``
-    runs it with the suggested fixes applied in-process (``loadtests.ponder_whatif``)."""
+def ponder_server(backend_url: str, *, log_dir: Path | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[Server]:
+    """``ponder serve`` in front of ``backend_url`` (in-process cache, no auth)."""
     port = free_port()
-    if variant == "fixed":
-        cmd = [sys.executable, "-m", "loadtests.ponder_whatif", "--host", "127.0.0.1", "--port", str(port)]
-    elif variant == "fixed-httpx2":
-        cmd = [sys.executable, "-m", "loadtests.ponder_whatif", "--fix", "httpx2", "--fix", "async-auth",
-               "--host", "127.0.0.1", "--port", str(port)]
-    elif variant in (None, "", "stock"):
-        cmd = [str(VENV_BIN / "ponder"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    else:
-        raise ValueError(f"unknown ponder variant {variant!r}")
+    cmd = [str(VENV_BIN / "ponder"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     full_env = {
         **os.environ,
         "PONDER_BACKEND_URLS": backend_url,
@@ -265,6 +258,7 @@ def mock_reset(mock_url: str) -> None:
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "none": {},
     "self-consistency": {"k": 8},
+    "best-of-n": {"n": 8},
     "checklist-bon": {"n": 8},
     "self-refine": {"max_rounds": 3},
     "mcts": {"simulations": 4, "branching": 2, "value_samples": 2},  # ponder's defaults
@@ -362,3 +356,41 @@ def exit_on_sigterm() -> None:
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+# -- what every script's command line and report share ------------------------------------------
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, step_seconds: float | None = None) -> None:
+    """``--out`` and ``--wait-quiet``; with ``step_seconds`` (the default of ``--step-seconds``) also
+    the options of a locust step load: ``--step-seconds``, ``--warmup`` and ``--drain``."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default loadtests/reports/<timestamp>[-<script>])")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before measuring, wait up to this long for the machine's other load to drop "
+                             "below 0.3 cores")
+    if step_seconds is not None:
+        parser.add_argument("--step-seconds", type=float, default=step_seconds)
+        parser.add_argument("--warmup", type=float, default=1.0, help="seconds left out at the start of every step")
+        parser.add_argument("--drain", type=float, default=1.5,
+                            help="requests starting in the last DRAIN seconds of a step are not timed (they "
+                                 "would finish under the next step's load)")
+
+
+def report_dir(out: Path | None, suffix: str = "") -> Path:
+    """``out``, or ``loadtests/reports/<timestamp>-<suffix>``; created."""
+    path = out or ROOT / "loadtests" / "reports" / (timestamp() + (f"-{suffix}" if suffix else ""))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def source_version() -> str:
+    """The commit measured, and whether service/ or strategies/ differ from it (read-only git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "strategies"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (service/ or strategies/ modified)" if dirty else "")

@@ -11,10 +11,11 @@ time), so the number of users is the concurrency. Pick classes by name or by tag
 Classes (tags): ``DirectMock`` (direct; the backend itself: run it with ``--host <mock URL>``, since
 locust's ``--host`` replaces a class's own ``host``; without ``--host`` it uses ``LOAD_MOCK_URL``),
 ``ProxyPassthrough`` (proxy, none), ``RestNone`` (rest, none), ``ProxySelfConsistency`` /
-``RestSelfConsistency`` (self-consistency), ``ProxyChecklistBoN`` / ``RestChecklistBoN``
-(checklist-bon), ``ProxySelfRefine`` / ``RestSelfRefine`` (self-refine), ``ProxyMCTS`` /
-``RestMCTS`` (mcts), ``Optillm`` (optillm; approach from ``LOAD_OPTILLM_APPROACH``; ``--host`` = the
-optillm server, or ``LOAD_OPTILLM_URL`` without ``--host``).
+``RestSelfConsistency`` (self-consistency), ``ProxyBestOfN`` / ``RestBestOfN`` (best-of-n),
+``ProxyChecklistBoN`` / ``RestChecklistBoN`` (checklist-bon), ``ProxySelfRefine`` /
+``RestSelfRefine`` (self-refine), ``ProxyMCTS`` / ``RestMCTS`` (mcts), ``Optillm`` (optillm;
+approach from ``LOAD_OPTILLM_APPROACH``; ``--host`` = the optillm server, or
+``LOAD_OPTILLM_URL`` without ``--host``).
 
 Environment:
 
@@ -22,7 +23,7 @@ Environment:
   that many users for that long each (the last step ``LOAD_TAIL_SECONDS`` longer), then stop.
   Without ``LOAD_STEPS`` locust's ``-u/-t`` apply.
 * ``LOAD_PARAMS``: JSON strategy params replacing the defaults of the selected classes
-  (defaults in ``loadtests/harness.py``: self-consistency k=8, checklist-bon n=8,
+  (defaults in ``loadtests/harness.py``: self-consistency k=8, best-of-n n=8, checklist-bon n=8,
   self-refine max_rounds=3, mcts simulations=4 branching=2 value_samples=2).
 * ``LOAD_CACHE``: ``1`` lets ponder reuse cached checklists/critiques/judgments (default ``0``:
   every request pays for its whole algorithm).
@@ -115,6 +116,16 @@ class RestSelfConsistency(_JSONUser):
     path, req_name, body = "/v1/solve", "rest:self-consistency", _rest("self-consistency")
 
 
+@tag("proxy", "best-of-n")
+class ProxyBestOfN(_JSONUser):
+    path, req_name, body = "/v1/chat/completions", "proxy:best-of-n", _proxy("best-of-n")
+
+
+@tag("rest", "best-of-n")
+class RestBestOfN(_JSONUser):
+    path, req_name, body = "/v1/solve", "rest:best-of-n", _rest("best-of-n")
+
+
 @tag("proxy", "checklist-bon")
 class ProxyChecklistBoN(_JSONUser):
     path, req_name, body = "/v1/chat/completions", "proxy:checklist-bon", _proxy("checklist-bon")
@@ -163,8 +174,8 @@ class Optillm(_JSONUser):
 
 
 USER_CLASSES = {cls.__name__: cls for cls in (
-    DirectMock, ProxyPassthrough, RestNone, ProxySelfConsistency, RestSelfConsistency, ProxyChecklistBoN,
-    RestChecklistBoN, ProxySelfRefine, RestSelfRefine, ProxyMCTS, RestMCTS, Optillm)}
+    DirectMock, ProxyPassthrough, RestNone, ProxySelfConsistency, RestSelfConsistency, ProxyBestOfN, RestBestOfN,
+    ProxyChecklistBoN, RestChecklistBoN, ProxySelfRefine, RestSelfRefine, ProxyMCTS, RestMCTS, Optillm)}
 
 
 # -- step load -------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ that started in the step after its first ``--warmup`` seconds and before its las
 seconds (so they run under that step's load), how many of those had not finished when the step
 ended (``unfinished``: the server is saturated), errors,
 ponder's CPU (cores busy and CPU ms per request), ponder's peak RSS, and backend calls per
-request (from the mock's request counter).
+request (from the mock's request counter). The report records the source version measured
+(commit, and whether ``service/`` or ``strategies/`` differ from it).
 
-    .venv/bin/python -m loadtests.run_load                       # everything, ~4-5 min
+    .venv/bin/python -m loadtests.run_load                       # everything, ~6 min
     .venv/bin/python -m loadtests.run_load --scenarios DirectMock ProxyPassthrough --step-seconds 10
     .venv/bin/python -m loadtests.run_load --surfaces proxy --steps 1,16,64
 
@@ -44,13 +45,15 @@ import httpx
 from loadtests import harness
 from loadtests.harness import ROOT, VENV_BIN, percentile
 
-STRATEGIES = ["none", "self-consistency", "checklist-bon", "self-refine", "mcts"]
+STRATEGIES = ["none", "self-consistency", "best-of-n", "checklist-bon", "self-refine", "mcts"]
 SCENARIOS: dict[str, tuple[str, str]] = {  # user class -> (surface, strategy)
     "DirectMock": ("direct", "none"),
     "ProxyPassthrough": ("proxy", "none"),
     "RestNone": ("rest", "none"),
     "ProxySelfConsistency": ("proxy", "self-consistency"),
     "RestSelfConsistency": ("rest", "self-consistency"),
+    "ProxyBestOfN": ("proxy", "best-of-n"),
+    "RestBestOfN": ("rest", "best-of-n"),
     "ProxyChecklistBoN": ("proxy", "checklist-bon"),
     "RestChecklistBoN": ("rest", "checklist-bon"),
     "ProxySelfRefine": ("proxy", "self-refine"),
@@ -206,7 +209,7 @@ def requests_cell(step: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# ponder load test — {report['started']} (ponder: {report.get('ponder_variant', 'stock')})", ""]
+    lines = [f"# ponder load test — {report['started']} (source {report.get('source', 'unknown')})", ""]
     cfg = report["config"]
     lines += [
         f"Mock backend timing: ttft {cfg['mock']['ttft_ms']:g} ms, tpot {cfg['mock']['tpot_ms']:g} ms, "
@@ -331,18 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="*", help=f"user classes (default: all): {', '.join(SCENARIOS)}")
     parser.add_argument("--surfaces", default="proxy,rest", help="proxy,rest (default both); DirectMock always runs")
     parser.add_argument("--steps", default="1,4,16,64")
-    parser.add_argument("--step-seconds", type=float, default=6.0)
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds left out at the start of every step")
-    parser.add_argument("--drain", type=float, default=1.5,
-                        help="requests starting in the last DRAIN seconds of a step are not timed (they would "
-                             "finish under the next step's load)")
     parser.add_argument("--cache", action="store_true", help="let ponder reuse cached checklists/judgments")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default loadtests/reports/<timestamp>)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for the machine's other load to drop below 0.3 cores")
-    parser.add_argument("--ponder-variant", choices=["stock", "fixed", "fixed-httpx2"], default="stock",
-                        help="fixed / fixed-httpx2: ponder with the suggested fixes applied in-process "
-                             "(loadtests/ponder_whatif.py)")
+    harness.add_run_args(parser, step_seconds=6.0)
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
 
@@ -352,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in chosen if c not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenarios: {unknown}")
-    out_dir = args.out or ROOT / "loadtests" / "reports" / harness.timestamp()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = harness.report_dir(args.out)
     total = len(chosen) * (len(steps) * args.step_seconds + 4)
     print(f"{len(chosen)} scenarios x {len(steps)} steps x {args.step_seconds:g} s: about {total / 60:.1f} min -> {out_dir}",
           flush=True)
@@ -362,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "background_cores": background,
-        "ponder_variant": args.ponder_variant,
+        "source": harness.source_version(),
         "config": {
             "mock": harness.MOCK_TIMING, "steps": steps, "step_seconds": args.step_seconds, "warmup": args.warmup,
             "drain": args.drain, "cache": args.cache, "params": harness.DEFAULT_PARAMS,
@@ -372,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     with harness.mock_server(recording=False, log_dir=out_dir) as mock, \
-            harness.ponder_server(mock.url, log_dir=out_dir, variant=args.ponder_variant) as ponder:
+            harness.ponder_server(mock.url, log_dir=out_dir) as ponder:
         # Warm both up (first requests pay imports and connection set-up).
         with httpx.Client(timeout=60) as client:
             for strategy in STRATEGIES:

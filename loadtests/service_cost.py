@@ -18,7 +18,7 @@ and inclusive time into the report.
     .venv/bin/python -m loadtests.service_cost [--concurrency 8] [--py-spy] [--out DIR]
 
 Writes ``service_cost.json`` and ``service_cost.md`` into ``--out`` (default
-``loadtests/reports/<timestamp>-cost``).
+``loadtests/reports/<timestamp>-cost``), with the source version measured.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from typing import Any
 import httpx
 
 from loadtests import harness
-from loadtests.harness import ROOT, VENV_BIN
+from loadtests.harness import VENV_BIN
 
-REQUESTS = {"none": 400, "self-consistency": 400, "checklist-bon": 120, "self-refine": 150, "mcts": 48}
+REQUESTS = {"none": 400, "self-consistency": 400, "best-of-n": 200, "checklist-bon": 120, "self-refine": 150,
+            "mcts": 48}
 
 
 def mock_calls(mock_url: str) -> int:
@@ -137,7 +138,7 @@ def measure_rss(ponder: harness.Server, strategy: str, seconds: float) -> dict[s
 def markdown(report: dict[str, Any]) -> str:
     t = harness.MOCK_TIMING
     lines = [
-        f"# ponder service cost — {report['started']} (ponder: {report.get('ponder_variant', 'stock')})", "",
+        f"# ponder service cost — {report['started']} (source {report.get('source', 'unknown')})", "",
         f"Mock: ttft {t['ttft_ms']:g} ms, tpot {t['tpot_ms']:g} ms, {t['tokens']}-token answers. OpenAI proxy "
         f"surface, cache off, {report['concurrency']} concurrent clients for CPU, 64 for memory. Background CPU "
         f"load before the run: {report['background_cores']:.2f} cores. ponder RSS idle: {report['rss_idle_mb']:.0f} MB.",
@@ -167,22 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
     parser.add_argument("--rss-seconds", type=float, default=5.0)
     parser.add_argument("--py-spy", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for the machine's other load to drop below 0.3 cores")
-    parser.add_argument("--ponder-variant", choices=["stock", "fixed", "fixed-httpx2"], default="stock",
-                        help="fixed / fixed-httpx2: ponder with the suggested fixes applied in-process "
-                             "(loadtests/ponder_whatif.py)")
+    harness.add_run_args(parser)
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
-    out_dir = args.out or ROOT / "loadtests" / "reports" / (harness.timestamp() + "-cost")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = harness.report_dir(args.out, "cost")
     strategies = args.strategies.split(",")
-    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "concurrency": args.concurrency,
-                              "mock": harness.MOCK_TIMING, "background_cores": harness.wait_quiet(0.3, args.wait_quiet),
-                              "cpu": [], "rss": [], "ponder_variant": args.ponder_variant}
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": harness.source_version(),
+                              "concurrency": args.concurrency, "mock": harness.MOCK_TIMING,
+                              "background_cores": harness.wait_quiet(0.3, args.wait_quiet), "cpu": [], "rss": []}
     with harness.mock_server(recording=False, log_dir=out_dir) as mock, \
-            harness.ponder_server(mock.url, log_dir=out_dir, variant=args.ponder_variant) as ponder:
+            harness.ponder_server(mock.url, log_dir=out_dir) as ponder:
         report["rss_idle_mb"] = harness.rss_mb(ponder.pid)
         for strategy in strategies:
             r = measure_cpu(ponder, mock.url, strategy, max(8, int(REQUESTS[strategy] * args.scale)),

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP backend (vLLM's server, the embedded engine, any peer).
 
-One pooled ``aiohttp.ClientSession`` per process. Each request goes to the healthy
-endpoint with the fewest requests in flight; connect errors, 429 and 502/503/504
+Keep-alive connections per endpoint through the lean HTTP/1.1 client in
+``http1.py``. Each request goes to the healthy endpoint with the fewest requests
+in flight; connect errors, 429 and 502/503/504
 are retried with exponential backoff and jitter (Retry-After honoured), on
 another endpoint when there is one. Upstream 4xx are surfaced as
 ``UpstreamError`` and never retried.
@@ -18,19 +19,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-import aiohttp
-
 from strategies.base import gather_or_cancel
 from strategies.protocol import Choice, Generation, GenerationRequest
+
+from .http1 import ConnectError, ConnectionClosed, ConnectionPool, HTTPClientError, ProtocolError, Response
 
 log = logging.getLogger("ponder.backend")
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
-JSON_CONTENT = {"Content-Type": "application/json"}
 KEEPALIVE_SECONDS = 4.0
 """Below uvicorn's (and so vLLM's) 5 s keep-alive, so a pooled connection is dropped here
 before the server drops it under a request."""
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+PROBE_TIMEOUT_S = 2.0
 
 
 class BackendError(Exception):
@@ -111,34 +111,18 @@ class HTTPBackend:
             raise ValueError("HTTPBackend needs at least one URL")
         self.config = config
         self.endpoints = [Endpoint(u.rstrip("/").removesuffix("/v1")) for u in config.urls]
-        self._headers = dict(config.extra_headers)
+        headers = dict(config.extra_headers)
         if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._pools = {e.url: ConnectionPool(e.url, headers=headers, connect_timeout=config.connect_timeout,
+                                             read_timeout=config.read_timeout, keepalive_s=KEEPALIVE_SECONDS)
+                       for e in self.endpoints}
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._model: str | None = config.default_model
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The process's one client session, made on first use (it needs a running loop).
-
-        aiohttp rather than httpx: httpx's pool rescans every pooled connection each time
-        one is taken or returned, ~0.6-2 ms CPU per call under fan-out against ~0.15 ms here
-        (loadtests/bench_backend_client.py; docs/performance.md).
-        """
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency, limit_per_host=0,
-                                               keepalive_timeout=KEEPALIVE_SECONDS),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
-                                              sock_read=self.config.read_timeout),
-                headers=self._headers,
-            )
-        return self._session
-
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            pool.close()
 
     # -- routing -------------------------------------------------------------------
 
@@ -159,7 +143,7 @@ class HTTPBackend:
         return random.uniform(ceiling / 2, ceiling)
 
     @asynccontextmanager
-    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[Response]:
         """A successful response, routed and retried; its body is still unread.
 
         Retries happen only before the response starts, so a stream is never replayed.
@@ -168,7 +152,6 @@ class HTTPBackend:
         tells vLLM to abort the generation.
         """
         data = None if body is None else json.dumps(body).encode()
-        headers = JSON_CONTENT if data is not None else None
         async with self._semaphore:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
@@ -178,24 +161,22 @@ class HTTPBackend:
                 endpoint.in_flight += 1
                 try:
                     try:
-                        response = await self.session.request(method, endpoint.url + path, data=data,
-                                                               headers=headers)
-                    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
-                            aiohttp.ServerDisconnectedError) as exc:
+                        response = await self._pools[endpoint.url].request(method, path, data)
+                    except (ConnectError, ConnectionClosed) as exc:
                         # A stale keep-alive connection closed by the server is not the
                         # endpoint's fault: retry without ejecting it.
-                        if not isinstance(exc, aiohttp.ServerDisconnectedError):
+                        if isinstance(exc, ConnectError):
                             endpoint.mark_down(self.config.eject_seconds)
-                        log.warning("backend %s unreachable (%s)", endpoint.url, type(exc).__name__)
+                        log.warning("backend %s unreachable (%s)", endpoint.url, exc)
                         if last_attempt:
-                            raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc!r}") from exc
+                            raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc}") from exc
                         await asyncio.sleep(self._backoff(attempt, None))
                         continue
                     except TimeoutError as exc:
                         raise BackendTimeout(
                             f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
-                    except aiohttp.ClientError as exc:
-                        raise BackendError(f"backend {endpoint.url} failed: {exc!r}") from exc
+                    except ProtocolError as exc:
+                        raise BackendError(f"backend {endpoint.url} failed: {exc}") from exc
                     if response.status < 400:
                         endpoint.mark_up()
                         try:
@@ -281,9 +262,12 @@ class HTTPBackend:
 
         async def probe(endpoint: Endpoint) -> bool:
             try:
-                async with self.session.get(endpoint.url + "/health", timeout=PROBE_TIMEOUT) as response:
-                    ok = response.status == 200
-            except (aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    response = await self._pools[endpoint.url].request("GET", "/health")
+                    await response.read()
+                    response.release()
+                ok = response.status == 200
+            except (HTTPClientError, TimeoutError):
                 ok = False
             if ok:
                 endpoint.mark_up()
@@ -321,27 +305,27 @@ def _token_logprobs(raw: Any, *, chat: bool) -> tuple[float, ...] | None:
     return tuple(v for v in values if v is not None)
 
 
-async def _read(response: aiohttp.ClientResponse, read_timeout: float) -> bytes:
+async def _read(response: Response, read_timeout: float) -> bytes:
     try:
         return await response.read()
     except TimeoutError as exc:
         raise BackendTimeout(f"backend did not finish within {read_timeout}s") from exc
-    except aiohttp.ClientError as exc:
-        raise BackendError(f"backend connection broke mid-response: {exc!r}") from exc
+    except HTTPClientError as exc:
+        raise BackendError(f"backend connection broke mid-response: {exc}") from exc
 
 
-async def _relay(response: aiohttp.ClientResponse, read_timeout: float) -> AsyncIterator[bytes]:
+async def _relay(response: Response, read_timeout: float) -> AsyncIterator[bytes]:
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.iter_chunks():
             yield chunk
     except TimeoutError as exc:
         raise BackendTimeout(f"backend stream stalled for {read_timeout}s") from exc
-    except aiohttp.ClientError as exc:
-        raise BackendError(f"backend stream broke off: {exc!r}") from exc
+    except HTTPClientError as exc:
+        raise BackendError(f"backend stream broke off: {exc}") from exc
 
 
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    value = response.headers.get("Retry-After")
+def _retry_after(response: Response) -> float | None:
+    value = response.headers.get("retry-after")
     if value is None:
         return None
     try:

@@ -65,8 +65,6 @@ class _Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
-        self.bounded = False
-        """True while a stream consumes the body: reading pauses above HIGH_WATER."""
         self.paused = False
         self.headers_done = False
         self.complete = False
@@ -149,7 +147,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.bounded and not self.paused and self.buffered > HIGH_WATER:
+        if not self.paused and self.buffered > HIGH_WATER:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -171,16 +169,10 @@ class Response:
         self._done = False
 
     async def read(self) -> bytes:
-        connection = self._connection
-        while not connection.complete:
-            if connection.error is not None:
-                raise connection.error
-            await connection.wait(self._pool.read_timeout)
-        return b"".join(connection.chunks)
+        return b"".join([chunk async for chunk in self.iter_chunks()])
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         connection = self._connection
-        connection.bounded = True
         while True:
             if connection.chunks:
                 yield connection.take()

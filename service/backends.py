@@ -217,6 +217,8 @@ class HTTPBackend:
     # -- the generation protocol -------------------------------------------------
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        if len(requests) == 1:  # the common case: no task to spawn
+            return [await self._generate_one(requests[0])]
         return await gather_or_cancel(*(self._generate_one(r) for r in requests))
 
     async def _generate_one(self, request: GenerationRequest) -> Generation:

@@ -253,6 +253,20 @@ class RunContext:
         (generation,) = await self.generate([request])
         return list(generation.choices)
 
+    async def cached_texts(self, kind: str, requests: Sequence[GenerationRequest],
+                           keys: Callable[[], Sequence[str]]) -> list[str]:
+        """The first choice's text of each deterministic request, each cached under its
+        key and all issued at once; without a cache, one batch and no keys to hash."""
+        if not self.use_cache:
+            return [g.choices[0].text for g in await self.generate(requests)]
+
+        async def text(request: GenerationRequest) -> str:
+            return (await self.sample(request))[0].text
+
+        return await gather_or_cancel(*(
+            self.cached(kind, key, lambda r=request: text(r)) for key, request in zip(keys(), requests)
+        ))
+
     async def cached(self, kind: str, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
         """Reuse a cached value for deterministic work (temperature 0, same inputs)."""
         if not self.use_cache:

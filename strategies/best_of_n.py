@@ -12,8 +12,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register
-from .protocol import GenerationRequest
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
 
 
 class BestOfNParams(StrategyParams):
@@ -58,15 +57,8 @@ class BestOfN(Strategy):
                                  max_tokens=4)
             for text in texts
         ]
-        if not (greedy and ctx.use_cache):
+        if not greedy:  # sampled ratings are never cached
             return [[c.text for c in g.choices] for g in await ctx.generate(requests)]
-
-        async def rate(request: GenerationRequest) -> str:
-            (choice,) = await ctx.sample(request)
-            return choice.text
-
-        keys = [cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.instruction, text) for text in texts]
-        replies = await gather_or_cancel(*(
-            ctx.cached("judgment", key, lambda r=request: rate(r)) for key, request in zip(keys, requests)
-        ))
+        replies = await ctx.cached_texts("judgment", requests, lambda: [
+            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.instruction, text) for text in texts])
         return [[reply] for reply in replies]

@@ -96,19 +96,13 @@ class ChecklistBestOfN(Strategy):
         return list(params.item_weights)
 
     async def _judge_all(self, ctx: RunContext, texts: list[str], checklist: list[str]) -> list[list[bool | None]]:
-        """All candidate × item verdicts, cached ones reused, the rest in one concurrent batch."""
+        """All candidate × item verdicts, cached ones reused, the rest issued at once."""
         pairs = [(t, item) for t in texts for item in checklist]
-        keys = [cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.instruction, item, text)
-                for text, item in pairs]
-
-        async def judge(text: str, item: str) -> str:
-            prompt = prompts.JUDGE_ITEM.format(task=ctx.task.instruction, response=text, item=item)
-            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=3))
-            return choice.text
-
-        replies = await gather_or_cancel(*(
-            ctx.cached("judgment", key, lambda t=text, i=item: judge(t, i)) for key, (text, item) in zip(keys, pairs)
-        ))
+        requests = [ctx.task.aux_request(prompts.JUDGE_ITEM.format(task=ctx.task.instruction, response=text, item=item),
+                                         temperature=0.0, max_tokens=3) for text, item in pairs]
+        replies = await ctx.cached_texts("judgment", requests, lambda: [
+            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.instruction, item, text)
+            for text, item in pairs])
         verdicts = [prompts.parse_yes_no(r) for r in replies]
         width = len(checklist)
         return [verdicts[i * width:(i + 1) * width] for i in range(len(texts))]

@@ -142,17 +142,18 @@ class HTTPBackend:
         ceiling = min(self.config.backoff_max, self.config.backoff_base * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
-    @asynccontextmanager
-    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> AsyncIterator[Response]:
+    async def _start(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[Response, Endpoint]:
         """A successful response, routed and retried; its body is still unread.
 
         Retries happen only before the response starts, so a stream is never replayed.
-        The endpoint counts as in flight until the caller has finished with the response;
-        a caller that stops early (cancelled, disconnected) closes the connection, which
-        tells vLLM to abort the generation.
+        The response holds a concurrency slot and counts as in flight on its endpoint
+        until ``_finish``; a response abandoned half-read closes its connection there,
+        which tells vLLM to abort the generation. (Plain acquire/release rather than
+        context managers: this is the per-call hot path.)
         """
         data = None if body is None else json.dumps(body).encode()
-        async with self._semaphore:
+        await self._semaphore.acquire()
+        try:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
                 last_attempt = attempt == self.config.max_retries
@@ -160,37 +161,34 @@ class HTTPBackend:
                 tried.add(self.endpoints.index(endpoint))
                 endpoint.in_flight += 1
                 try:
-                    try:
-                        response = await self._pools[endpoint.url].request(method, path, data)
-                    except (ConnectError, ConnectionClosed) as exc:
-                        # A stale keep-alive connection closed by the server is not the
-                        # endpoint's fault: retry without ejecting it.
-                        if isinstance(exc, ConnectError):
-                            endpoint.mark_down(self.config.eject_seconds)
-                        log.warning("backend %s unreachable (%s)", endpoint.url, exc)
-                        if last_attempt:
-                            raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc}") from exc
-                        await asyncio.sleep(self._backoff(attempt, None))
-                        continue
-                    except TimeoutError as exc:
-                        raise BackendTimeout(
-                            f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
-                    except ProtocolError as exc:
+                    response = await self._pools[endpoint.url].request(method, path, data)
+                except (ConnectError, ConnectionClosed) as exc:
+                    endpoint.in_flight -= 1
+                    # A stale keep-alive connection closed by the server is not the
+                    # endpoint's fault: retry without ejecting it.
+                    if isinstance(exc, ConnectError):
+                        endpoint.mark_down(self.config.eject_seconds)
+                    log.warning("backend %s unreachable (%s)", endpoint.url, exc)
+                    if last_attempt:
+                        raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc}") from exc
+                    await asyncio.sleep(self._backoff(attempt, None))
+                    continue
+                except TimeoutError as exc:
+                    endpoint.in_flight -= 1
+                    raise BackendTimeout(
+                        f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
+                except BaseException as exc:
+                    endpoint.in_flight -= 1
+                    if isinstance(exc, ProtocolError):
                         raise BackendError(f"backend {endpoint.url} failed: {exc}") from exc
-                    if response.status < 400:
-                        endpoint.mark_up()
-                        try:
-                            yield response
-                        except BaseException:
-                            response.close()
-                            raise
-                        response.release()
-                        return
-                    try:
-                        content = await _read(response, self.config.read_timeout)
-                    finally:
-                        response.release()
+                    raise
+                if response.status < 400:
+                    endpoint.mark_up()
+                    return response, endpoint
+                try:
+                    content = await _read(response, self.config.read_timeout)
                 finally:
+                    response.release()
                     endpoint.in_flight -= 1
                 if response.status in RETRYABLE_STATUS and not last_attempt:
                     if response.status != 429:
@@ -198,12 +196,24 @@ class HTTPBackend:
                     await asyncio.sleep(self._backoff(attempt, _retry_after(response)))
                     continue
                 raise UpstreamError(response.status, _json_or_text(content))
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        except BaseException:
+            self._semaphore.release()
+            raise
+
+    def _finish(self, response: Response, endpoint: Endpoint) -> None:
+        response.release()  # back to the pool if read to the end, else the connection is closed
+        endpoint.in_flight -= 1
+        self._semaphore.release()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, decode: bool = True) -> Any:
         """Send one JSON request with routing and retries; return the decoded body
         (or its raw bytes, for pass-through without a decode/encode round trip)."""
-        async with self._open(method, path, body) as response:
+        response, endpoint = await self._start(method, path, body)
+        try:
             content = await _read(response, self.config.read_timeout)
+        finally:
+            self._finish(response, endpoint)
         return json.loads(content) if decode else content
 
     @asynccontextmanager
@@ -211,8 +221,11 @@ class HTTPBackend:
         """Open a streaming request and yield its raw SSE bytes as they arrive.
 
         A backend that breaks off mid-stream raises ``BackendError`` from the iterator."""
-        async with self._open("POST", path, body) as response:
+        response, endpoint = await self._start("POST", path, body)
+        try:
             yield _relay(response, self.config.read_timeout)
+        finally:
+            self._finish(response, endpoint)
 
     # -- the generation protocol -------------------------------------------------
 

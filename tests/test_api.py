@@ -5,6 +5,7 @@ test_api_engine.py.)"""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -148,3 +149,27 @@ def test_token_id_prompts_pass_through_but_strategies_need_text(http):
     assert http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}).status_code == 200
     body = {"model": MODEL, "prompt": [[1, 2], [3]], "strategy": "self-consistency"}
     assert_openai_error(http.post("/v1/completions", json=body), 400, "prompt")
+
+
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_client_disconnect_cancels_the_run_at_once():
+    """A slow strategy run whose client hangs up is cancelled within a moment, not when
+    the backend finishes (here: 3 s per answer)."""
+    slow = create_mock(MockConfig(ttft_ms=0, tpot_ms=30, tokens=100))
+    with ServedApp(slow, name="slow-mock", lifespan="off") as mock_server, \
+            ServedApp(create_app(Settings(backend_urls=mock_server.url, model=MODEL)), name="ponder-slow") as served:
+        before = httpx.get(served.url + "/metrics").text
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "strategy": "self-consistency",
+                "strategy_params": {"k": 2}}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/chat/completions", json=body, timeout=0.5)
+        for _ in range(40):
+            after = httpx.get(served.url + "/metrics").text
+            if metric_value(after, "ponder_strategy_runs_in_flight") == 0:
+                break
+            time.sleep(0.05)
+        assert metric_value(after, "ponder_strategy_runs_in_flight") == 0
+        assert metric_value(after, "ponder_client_disconnects_total") == metric_value(before, "ponder_client_disconnects_total") + 1

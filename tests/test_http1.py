@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 from typing import Awaitable, Callable
 
 import pytest
@@ -303,3 +306,27 @@ async def test_backend_retries_when_a_kept_alive_connection_was_closed_by_the_se
         # Requests 2 and 3 each went out on the kept connection first, then again on a new one.
         assert server.connections == 3 and len(received) == 5
         await backend.aclose()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_https_origin_verifies_the_server_certificate(tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server = await asyncio.start_server(keep_alive_echo, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        untrusted = ConnectionPool(f"https://localhost:{port}")
+        with pytest.raises(ConnectError):  # self-signed: refused until trusted
+            await untrusted.request("GET", "/")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        pool = ConnectionPool(f"https://localhost:{port}")
+        response = await pool.request("POST", "/v1/x", b'{"a": 1}')
+        assert json.loads(await response.read()) == {"path": "/v1/x", "body": '{"a": 1}'}
+        response.release()
+        pool.close()
+    finally:
+        server.close()

@@ -70,17 +70,19 @@ class StrategyRunner:
         return SolveResponse(id=run_id or new_id("solve"), model=model, **result.as_dict())
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T], poll_s: float = 0.25) -> T:
-    """Run ``work``; if the client goes away first, cancel it (and its backend requests)."""
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client goes away first, cancel it (and its backend requests).
+
+    The watcher blocks on the ASGI ``receive`` (the body is already read, so the next
+    message is ``http.disconnect``): no polling while the work runs."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
-        while not task.done():
-            if await request.is_disconnected():
-                metrics.CLIENT_DISCONNECTS.inc()
-                task.cancel()
-                return
-            await asyncio.sleep(poll_s)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not task.done():
+            metrics.CLIENT_DISCONNECTS.inc()
+            task.cancel()
 
     watcher = asyncio.create_task(watch())
     try:

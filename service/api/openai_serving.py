@@ -16,7 +16,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strategies import StrategyResult, Task, strategies
 from strategies.base import StrategyError, gather_or_cancel
@@ -59,7 +59,8 @@ class OpenAIServing:
             return StreamingResponse(self._stream_strategy(body, strategy, task, chat=chat),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await cancel_on_disconnect(request, self._run_n(body, strategy, task))
-        return self._response(body, strategy, task, results, chat=chat)
+        # Already JSON-native: skip FastAPI's recursive jsonable_encoder (slow on big traces).
+        return JSONResponse(self._response(body, strategy, task, results, chat=chat))
 
     # -- pass-through -------------------------------------------------------------
 

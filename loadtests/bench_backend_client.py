@@ -1,6 +1,7 @@
 """What one backend call costs ponder's process, by HTTP client, on the fan-out pattern
 strategies use (checklist-bon sends N×K = 32 judgments at once): ponder's ``HTTPBackend`` as
-``ponder serve`` builds it (aiohttp since ``342cd71``) against the httpx set-ups it replaced.
+``ponder serve`` builds it (its own HTTP/1.1 client, ``service/http1.py``, since ``2f01474``)
+against the aiohttp and httpx set-ups it replaced.
 
 Starts the mock backend (ttft 20 ms, tpot 2 ms) in a subprocess on a free loopback port, then
 in this process, for each client: ``--rounds`` fan-outs of ``--width`` concurrent 1-token
@@ -12,9 +13,11 @@ as the mock saw it (first to last request start, from ``loadtests.recording_mock
 
 Clients:
 
-* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it: one
-  ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``), with its routing, retries and
-  concurrency limit.
+* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it: keep-alive
+  connections of ``service.http1.ConnectionPool`` (asyncio Protocol + httptools), with its
+  routing, retries and concurrency limit.
+* ``aiohttp``: one ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``): ponder's backend
+  from ``342cd71`` to ``bb972d1``. Skipped with a note where aiohttp is not installed.
 * ``httpx-pool256``: one ``httpx.AsyncClient`` with 256 connections (ponder's backend up to
   ``b3cf86f``), whose pool scans every pooled connection each time a request takes or returns one.
 * ``httpx-sharded``: 8 ``httpx.AsyncClient`` of 32 connections each, a call on the least busy
@@ -23,7 +26,7 @@ Clients:
   rescans per request (pydantic/httpx2 #974, #1075, #1076; upstream encode/httpcore #1035 is
   still open). ``openai`` pulls it into the venv; without it the client is skipped with a note.
 
-The httpx clients build the same request bodies (``HTTPBackend.request_body``) and parse the
+The other clients build the same request bodies (``HTTPBackend.request_body``) and parse the
 replies the same way (``parse_generation``), without ponder's routing or retries.
 """
 
@@ -108,12 +111,36 @@ async def bench(make: Callable[[], Any], mock_url: str, width: int, rounds: int)
             "dispatch_spread_ms_p50": statistics.median(spreads) * 1000}
 
 
+class AiohttpSession(HTTPXPools):
+    """One ``aiohttp.ClientSession`` of 256 connections (same bodies and parsing)."""
+
+    def __init__(self, url: str) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=0))
+        self.url = url + "/v1/chat/completions"
+        self.bodies = ponder_backend(url)
+
+    async def one(self, request: GenerationRequest) -> Generation:
+        async with self.session.post(self.url, json=await self.bodies.request_body(request)) as response:
+            return parse_generation(await response.json(), chat=True)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
 def clients(mock_url: str) -> dict[str, Callable[[], Any]]:
     makers: dict[str, Callable[[], Any]] = {
         "ponder": lambda: ponder_backend(mock_url),
         "httpx-pool256": lambda: HTTPXPools(httpx, mock_url),
         "httpx-sharded": lambda: HTTPXPools(httpx, mock_url, pools=8, per_pool=32),
     }
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError as exc:
+        print(f"aiohttp skipped: {exc}", flush=True)
+    else:
+        makers["aiohttp"] = lambda: AiohttpSession(mock_url)
     try:
         import httpx2
     except ImportError as exc:

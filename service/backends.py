@@ -279,8 +279,10 @@ class HTTPBackend:
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT_S):
                     response = await self._pools[endpoint.url].request("GET", "/health")
-                    await response.read()
-                    response.release()
+                    try:
+                        await response.read()
+                    finally:
+                        response.release()  # closes the connection if the read was cut short
                 ok = response.status == 200
             except (HTTPClientError, TimeoutError):
                 ok = False

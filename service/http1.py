@@ -65,6 +65,8 @@ class _Connection(asyncio.Protocol):
         self.begin()
 
     def begin(self) -> None:
+        """Ready for the response to a request about to be written."""
+        self.active = True
         self.status = 0
         self.headers: dict[str, str] = {}
         self._raw_headers: list[tuple[bytes, bytes]] = []
@@ -118,6 +120,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.active:  # bytes on an idle connection (e.g. a server's 408): unusable
+            self.abort()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -258,6 +263,7 @@ class ConnectionPool:
         return None
 
     def _put_idle(self, connection: _Connection) -> None:
+        connection.active = False
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
 

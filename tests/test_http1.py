@@ -330,3 +330,29 @@ async def test_https_origin_verifies_the_server_certificate(tmp_path, monkeypatc
         pool.close()
     finally:
         server.close()
+
+
+async def test_bytes_arriving_on_an_idle_connection_make_it_unusable():
+    async def answer_then_chatter(reader, writer):
+        await read_request(reader)
+        writer.write(json_response({"ok": True}))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # unsolicited
+        await writer.drain()
+        await read_request(reader)
+        writer.write(json_response({"stale": True}))
+        await writer.drain()
+
+    async with RawServer(answer_then_chatter) as server:
+        pool = ConnectionPool(server.url)
+        response = await pool.request("GET", "/")
+        await response.read()
+        response.release()
+        await asyncio.sleep(0.2)
+        assert pool.idle_connections == 1
+        response = await pool.request("GET", "/")  # must not read the 408 as its answer
+        assert response.status == 200 and json.loads(await response.read()) == {"ok": True}
+        assert server.connections == 2
+        response.release()
+        pool.close()

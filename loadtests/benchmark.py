@@ -113,8 +113,7 @@ def summarize(out: Path, meta: dict[str, Any]) -> int:
                        ("cost", "service_cost.json")):
         meta["background"][part] = json.loads((out / part / name).read_text()).get("background_cores", float("nan"))
     rows = targets(out)
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "targets": rows}, indent=2))
-    (out / "summary.md").write_text(markdown(rows, meta))
+    harness.write_report(out, "summary", {"meta": meta, "targets": rows}, markdown(rows, meta))
     print((out / "summary.md").read_text())
     return 0
 

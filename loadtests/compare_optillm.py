@@ -347,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{s['users']}u p50 {s['p50_ms']:.0f} ms {s['rps']:.1f}/s" for s in stats), flush=True)
     report["background_cores_after"] = harness.background_cores()
     report["pairs"] = compare(report["contenders"])
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "compare.md").write_text(markdown(report))
+    harness.write_report(out_dir, "compare", report, markdown(report))
     plot(report, out_dir / "compare_optillm.png")
     print(f"wrote {out_dir}/compare.json, compare.md, compare_optillm.png")
     for row in report["pairs"]:

@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"wall/exact {r['wall_over_exact_p50']:.3f}  overhead/round {r['overhead_per_round_ms_p50']:.2f} ms",
                       flush=True)
     result["background_cores_after"] = harness.background_cores()
-    (out_dir / "distance.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "distance.md").write_text(markdown(result))
+    harness.write_report(out_dir, "distance", result, markdown(result))
     print(f"wrote {out_dir}/distance.json, distance.md")
     return 0
 

@@ -384,6 +384,12 @@ def report_dir(out: Path | None, suffix: str = "") -> Path:
     return path
 
 
+def write_report(out_dir: Path, stem: str, data: Any, markdown_text: str) -> None:
+    """``<stem>.json`` (the data) and ``<stem>.md`` (its tables) in ``out_dir``."""
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    (out_dir / f"{stem}.md").write_text(markdown_text)
+
+
 def source_version() -> str:
     """The commit measured, and whether service/ or strategies/ differ from it (read-only git)."""
     try:

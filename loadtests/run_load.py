@@ -391,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cls:22s} {summary}", flush=True)
     report["background_cores_after"] = harness.background_cores()
     report["headline"] = headline(report)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(markdown(report))
+    harness.write_report(out_dir, "report", report, markdown(report))
     plot(report, out_dir / "latency_throughput.png")
     print(f"wrote {out_dir}/report.json, report.md, latency_throughput.png")
     for row in report["headline"]:

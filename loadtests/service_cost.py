@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure_rss(ponder, strategy, args.rss_seconds)
             report["rss"].append(r)
             print(f"{strategy:17s} RSS peak at 64 concurrent {r['rss_peak_mb']:.0f} MB ({r['rps']:.1f} req/s)", flush=True)
-    (out_dir / "service_cost.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "service_cost.md").write_text(markdown(report))
+    harness.write_report(out_dir, "service_cost", report, markdown(report))
     print(f"wrote {out_dir}/service_cost.json, service_cost.md")
     return 0
 

@@ -195,7 +195,7 @@ class HTTPBackend:
                         endpoint.mark_down(self.config.eject_seconds)
                     await asyncio.sleep(self._backoff(attempt, _retry_after(response)))
                     continue
-                raise UpstreamError(response.status, _json_or_text(content))
+                raise UpstreamError(response.status, _json_or_text(content, response.status))
             raise AssertionError("unreachable: the last attempt returns or raises")
         except BaseException:
             self._semaphore.release()
@@ -351,9 +351,9 @@ def _retry_after(response: Response) -> float | None:
         return None
 
 
-def _json_or_text(content: bytes) -> Any:
+def _json_or_text(content: bytes, status: int) -> Any:
     try:
         return json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
         text = content.decode(errors="replace")[:500]
-        return {"error": {"message": text, "type": "upstream_error"}}
+        return {"error": {"message": text, "type": "upstream_error", "code": status}}

@@ -125,6 +125,7 @@ async def test_non_json_error_body_is_wrapped(fake, make_backend):
         await backend.request("POST", "/v1/completions", {"prompt": "x"})
     assert info.value.status_code == 422
     assert info.value.body["error"]["message"] == "bad things"
+    assert info.value.body["error"]["code"] == 422
     assert len(fake.generation_requests) == 1
 
 

@@ -2,10 +2,9 @@
 
 Keep-alive connections per endpoint through the lean HTTP/1.1 client in
 ``http1.py``. Each request goes to the healthy endpoint with the fewest requests
-in flight; connect errors, 429 and 502/503/504
-are retried with exponential backoff and jitter (Retry-After honoured), on
-another endpoint when there is one. Upstream 4xx are surfaced as
-``UpstreamError`` and never retried.
+in flight; connect errors, 429 and 502/503/504 are retried with exponential
+backoff and jitter (Retry-After honoured), on another endpoint when there is one.
+Upstream 4xx are surfaced as ``UpstreamError`` and never retried.
 """
 
 from __future__ import annotations
@@ -162,8 +161,15 @@ class HTTPBackend:
                 endpoint.in_flight += 1
                 try:
                     response = await self._pools[endpoint.url].request(method, path, data)
-                except (ConnectError, ConnectionClosed) as exc:
+                except BaseException as exc:
                     endpoint.in_flight -= 1
+                    if isinstance(exc, TimeoutError):
+                        raise BackendTimeout(
+                            f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
+                    if isinstance(exc, ProtocolError):
+                        raise BackendError(f"backend {endpoint.url} failed: {exc}") from exc
+                    if not isinstance(exc, (ConnectError, ConnectionClosed)):
+                        raise
                     # A stale keep-alive connection closed by the server is not the
                     # endpoint's fault: retry without ejecting it.
                     if isinstance(exc, ConnectError):
@@ -173,15 +179,6 @@ class HTTPBackend:
                         raise BackendError(f"backend unreachable after {attempt + 1} attempts: {exc}") from exc
                     await asyncio.sleep(self._backoff(attempt, None))
                     continue
-                except TimeoutError as exc:
-                    endpoint.in_flight -= 1
-                    raise BackendTimeout(
-                        f"backend {endpoint.url} did not answer within {self.config.read_timeout}s") from exc
-                except BaseException as exc:
-                    endpoint.in_flight -= 1
-                    if isinstance(exc, ProtocolError):
-                        raise BackendError(f"backend {endpoint.url} failed: {exc}") from exc
-                    raise
                 if response.status < 400:
                     endpoint.mark_up()
                     return response, endpoint

@@ -66,9 +66,14 @@ class Node(Generic[S]):
             yield from child.walk()
 
 
+def _visits(node: Node[Any], virtual_loss: float) -> float:
+    """Real visits plus the virtual ones of selections still in flight below ``node``."""
+    return node.visits + node.pending * virtual_loss if node.pending else node.visits
+
+
 def uct(child: Node[Any], parent_visits: float, exploration: float, virtual_loss: float = 1.0) -> float:
     """UCT score; a pending selection counts as ``virtual_loss`` visits with reward 0."""
-    visits = child.visits + child.pending * virtual_loss if child.pending else child.visits
+    visits = _visits(child, virtual_loss)
     if visits == 0:
         return math.inf
     return child.value_sum / visits + exploration * math.sqrt(math.log(parent_visits) / visits)
@@ -158,7 +163,7 @@ class MCTS(Generic[S]):
                     return None
                 node = root
                 continue
-            parent_visits = max(node.visits + node.pending * self.virtual_loss if node.pending else node.visits, 1)
+            parent_visits = max(_visits(node, self.virtual_loss), 1)
             node = max(open_children, key=lambda c: uct(c, parent_visits, self.exploration, self.virtual_loss))
         return node
 

@@ -468,6 +468,12 @@ class MockBackend:
             self.active -= sequences
         await _send_json(send, 200, self._response(samples, prompt_tokens, options, chat))
 
+    def reply(self, req: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """The complete non-streamed body for request ``req`` at once, with no timing model
+        (for test doubles that only need the content). Raises ``BadRequest``."""
+        samples, prompt_tokens, options = self._plan(req, chat)
+        return self._response(samples, prompt_tokens, options, chat)
+
     def _new_id(self, chat: bool) -> str:
         return f"{'chatcmpl' if chat else 'cmpl'}-{self._id_prefix}{next(self._ids):012x}"
 

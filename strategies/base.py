@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -32,7 +33,24 @@ class StrategyError(Exception):
 
 
 class BudgetExhausted(Exception):
-    """Raised inside a run when the next backend call would break the budget."""
+    """Raised inside a run when the next backend call would break the budget.
+
+    ``field`` names the budget field that bound (``budget.max_tokens`` or ``budget.max_calls``)."""
+
+    def __init__(self, message: str, *, field: str = "budget.max_tokens") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class BudgetTooSmall(StrategyError):
+    """The budget could not pay for a single generation: the run has nothing to answer.
+
+    ``result`` is the empty run (usage, ``budget_limited``), for callers such as a proxy
+    request with ``n`` runs, where one starved run need not fail the others."""
+
+    def __init__(self, message: str, *, field: str, result: "StrategyResult") -> None:
+        super().__init__(message, field=field)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,119 @@ class Budget:
     max_calls: int | None = None
     max_tokens: int | None = None
     deadline_s: float | None = None
+
+
+PROMPT_BYTES_PER_TOKEN = 3
+"""Prompt-token estimate before the backend has counted any: one token per 3 UTF-8 bytes
+of prompt text (English BPE averages about 4 bytes a token, so this over-estimates it)."""
+PROMPT_OVERHEAD_TOKENS = 8
+"""Added per chat message and once per request, for the chat template's role markers."""
+CALIBRATION_MARGIN = 1.1
+"""Once the backend reports prompt counts, the estimate uses the highest tokens-per-byte
+it has reported in this request, times this margin (never below 1/PROMPT_BYTES_PER_TOKEN)."""
+MIN_SAMPLE_TOKENS = 8
+"""A batch is shrunk no further than this many completion tokens per sample."""
+
+
+def _prompt_bytes(request: GenerationRequest) -> tuple[int, int]:
+    """UTF-8 bytes of everything in the prompt, and the template overhead in tokens."""
+    extra = dict(request.extra)
+    size = len(json.dumps(extra, ensure_ascii=False, default=str).encode()) if extra else 0
+    if request.prompt is not None:
+        return size + len(request.prompt.encode()), 1
+    for message in request.messages:
+        size += len(content_text(message.get("content")).encode())
+    return size, PROMPT_OVERHEAD_TOKENS * (len(request.messages) + 1)
+
+
+@dataclass
+class Reservation:
+    """What ``BudgetLedger.reserve`` booked for one batch, returned to ``settle``."""
+
+    requests: list[GenerationRequest]
+    tokens: int
+    shrunk: bool
+
+
+class BudgetLedger:
+    """One request's spend against its budget, shared by every run of the request (a
+    proxy request with ``n`` runs pays from one budget; ``run_strategy`` makes its own).
+
+    Before each backend batch, ``reserve`` books the batch's worst case, estimated prompt
+    tokens + ``n x max_tokens`` per request, against what is neither spent nor booked by
+    batches in flight. All in one synchronous step (no ``await``), so concurrent batches
+    never fit against the same remainder. A batch that does not fit is shrunk: fewer
+    samples per request first (each keeps at least one), then shorter samples (down to
+    ``MIN_SAMPLE_TOKENS``); if even that does not fit it is refused (``BudgetExhausted``).
+    ``settle`` replaces the booking with the generations' true usage.
+
+    Prompt tokens are estimated without a tokenizer (``PROMPT_BYTES_PER_TOKEN``,
+    calibrated on the backend's own counts as they come in, ``CALIBRATION_MARGIN``), so a
+    first batch of unusually dense text (digits, CJK) can cost more prompt tokens than
+    estimated; completion tokens can never exceed what was booked.
+    """
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.tokens_spent = 0
+        self.tokens_reserved = 0
+        self.calls = 0
+        self.bound = False
+        """Whether the budget shrank or refused any batch."""
+        self._tokens_per_byte = 1 / PROMPT_BYTES_PER_TOKEN
+
+    def estimate_prompt_tokens(self, request: GenerationRequest) -> int:
+        size, overhead = _prompt_bytes(request)
+        return math.ceil(size * self._tokens_per_byte) + overhead
+
+    def reserve(self, requests: Sequence[GenerationRequest]) -> Reservation:
+        """Book ``requests`` (shrunk to fit) or raise ``BudgetExhausted``."""
+        budget = self.budget
+        if budget.max_calls is not None and self.calls + len(requests) > budget.max_calls:
+            self.bound = True
+            raise BudgetExhausted(
+                f"{len(requests)} more backend call(s) would exceed max_calls={budget.max_calls}",
+                field="budget.max_calls")
+        fitted, shrunk, tokens = list(requests), False, 0
+        if budget.max_tokens is not None:
+            fitted, shrunk, tokens = self._fit(fitted, budget.max_tokens - self.tokens_spent - self.tokens_reserved)
+        self.calls += len(fitted)
+        self.tokens_reserved += tokens
+        self.bound = self.bound or shrunk
+        return Reservation(fitted, tokens, shrunk)
+
+    def _fit(self, requests: list[GenerationRequest], remaining: int) -> tuple[list[GenerationRequest], bool, int]:
+        prompt = sum(self.estimate_prompt_tokens(r) for r in requests)
+        room = remaining - prompt
+        need = sum(r.n * r.max_tokens for r in requests)
+        if need <= room:
+            return requests, False, prompt + need
+        floor = min(MIN_SAMPLE_TOKENS, min(r.max_tokens for r in requests))
+        if room < floor * len(requests):
+            self.bound = True
+            raise BudgetExhausted(
+                f"token budget max_tokens={self.budget.max_tokens} cannot pay for the next batch "
+                f"({self.tokens_spent} spent, {self.tokens_reserved} booked by calls in flight, "
+                f"about {prompt} prompt tokens needed)")
+        scale = room / need
+        fitted = [r if r.n == 1 else replace(r, n=max(1, int(r.n * scale))) for r in requests]
+        if sum(r.n * r.max_tokens for r in fitted) > room:
+            if room // sum(r.n for r in fitted) < floor:
+                fitted = [replace(r, n=1) for r in fitted]
+            per_sample = room // sum(r.n for r in fitted)
+            fitted = [r if r.max_tokens <= per_sample else replace(r, max_tokens=per_sample) for r in fitted]
+        return fitted, True, prompt + sum(r.n * r.max_tokens for r in fitted)
+
+    def settle(self, reservation: Reservation, generations: Sequence[Generation] | None) -> None:
+        """Replace the booking with the true spend (``None``: the batch failed or was
+        cancelled; its spend is unknown to us and the booking is released)."""
+        self.tokens_reserved -= reservation.tokens
+        for request, generation in zip(reservation.requests, generations or ()):
+            self.tokens_spent += generation.prompt_tokens + generation.completion_tokens
+            size, overhead = _prompt_bytes(request)
+            if size and generation.prompt_tokens > overhead:
+                observed = (generation.prompt_tokens - overhead) / size * CALIBRATION_MARGIN
+                self._tokens_per_byte = max(self._tokens_per_byte, observed)
 
 
 @dataclass(frozen=True)
@@ -193,11 +324,15 @@ class RunContext:
         on_event: EventCallback | None = None,
         use_cache: bool = True,
         model_id: str = "",
+        ledger: BudgetLedger | None = None,
     ) -> None:
         self.generator = generator
         self.task = task
         self.cache = cache
-        self.budget = budget
+        self.ledger = ledger or BudgetLedger(budget)
+        self.budget = self.ledger.budget
+        self.budget_bound = False
+        """Whether the budget shrank or refused one of this run's batches."""
         self.usage = Usage()
         self.best: Candidate | None = None
         self._best_score: float | None = None
@@ -220,29 +355,19 @@ class RunContext:
         self.best = Candidate.of(candidate) if isinstance(candidate, Choice) else candidate
         self._best_score = score
 
-    def _fit_budget(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
-        budget, usage = self.budget, self.usage
-        if budget.max_calls is not None and usage.backend_calls + len(requests) > budget.max_calls:
-            raise BudgetExhausted(
-                f"{len(requests)} more backend call(s) would exceed max_calls={budget.max_calls}"
-            )
-        if budget.max_tokens is None:
-            return list(requests)
-        remaining = budget.max_tokens - usage.total_tokens
-        total_n = sum(r.n for r in requests)
-        per_sample = remaining // max(total_n, 1)
-        if per_sample < 8:
-            raise BudgetExhausted(f"token budget max_tokens={budget.max_tokens} is spent")
-        # Clamp each sample's length so the batch cannot overrun what is left.
-        return [r if r.max_tokens <= per_sample else replace(r, max_tokens=per_sample) for r in requests]
-
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        """Issue independent requests concurrently, as one batch."""
+        """Issue independent requests concurrently, as one batch, paid from the budget
+        (``BudgetLedger.reserve``: the batch may come back with fewer or shorter samples)."""
         if not requests:
             return []
-        fitted = self._fit_budget(requests)
-        self.usage.backend_calls += len(fitted)
-        generations = await self.generator.generate(fitted)
+        reservation = self.ledger.reserve(requests)
+        self.budget_bound = self.budget_bound or reservation.shrunk
+        self.usage.backend_calls += len(reservation.requests)
+        generations = None
+        try:
+            generations = await self.generator.generate(reservation.requests)
+        finally:
+            self.ledger.settle(reservation, generations)
         for generation in generations:
             self.usage.prompt_tokens += generation.prompt_tokens
             self.usage.completion_tokens += generation.completion_tokens
@@ -359,28 +484,40 @@ async def run_strategy(
     on_event: EventCallback | None = None,
     use_cache: bool = True,
     model_id: str = "",
+    ledger: BudgetLedger | None = None,
 ) -> StrategyResult:
     """Validate, run and account for one strategy run.
 
-    Budget exhaustion and the deadline end the run cleanly with the best answer so far.
+    Budget exhaustion and the deadline end the run cleanly with the best answer so far;
+    ``budget_limited`` is true when the budget shrank or refused any of its batches.
+    ``ledger`` shares one budget between several runs (default: a ledger of ``budget``).
+
+    Raises ``BudgetTooSmall`` (a ``StrategyError`` naming the budget field) when the
+    budget could not pay for the run's first generation.
     """
     strategy = get_strategy(name)
     parsed = parse_params(strategy, params, limits)
     ctx = RunContext(
-        generator, task, cache=cache, budget=budget, on_event=on_event, use_cache=use_cache, model_id=model_id
+        generator, task, cache=cache, budget=budget, on_event=on_event, use_cache=use_cache, model_id=model_id,
+        ledger=ledger,
     )
+    budget = ctx.budget
     started = time.perf_counter()
-    stop_reason, limited = "completed", False
+    stop_reason, limited, exhausted = "completed", False, None
     ctx.emit("started", strategy=name, params=parsed.model_dump())
     try:
         async with asyncio.timeout(budget.deadline_s):
             final = await strategy.run(ctx, parsed)
     except BudgetExhausted as exc:
-        final, stop_reason, limited = ctx.best, f"budget: {exc}", True
+        final, stop_reason, limited, exhausted = ctx.best, f"budget: {exc}", True, exc
     except TimeoutError:
         final, stop_reason, limited = ctx.best, f"deadline of {budget.deadline_s}s reached", True
     ctx.usage.wall_ms = (time.perf_counter() - started) * 1000
-    if final is None:
+    limited = limited or ctx.budget_bound
+    if limited and stop_reason == "completed":
+        stop_reason = "completed within a budget that shrank some batches"
+    empty = final is None
+    if empty:
         final = Candidate("", None, "length")
     result = StrategyResult(
         answer=final.text,
@@ -392,6 +529,9 @@ async def run_strategy(
         message=final.message,
         finish_reason=final.finish_reason,
     )
+    if empty and exhausted is not None:
+        raise BudgetTooSmall(f"{exhausted.field} is too small to draw a single answer: {exhausted}",
+                             field=exhausted.field, result=result)
     ctx.emit("done", answer=result.answer, budget_limited=limited, usage=ctx.usage.as_dict())
     return result
 

@@ -176,12 +176,13 @@ async def test_budget_max_calls_returns_the_first_candidate(use_cache: bool) -> 
     assert "candidates" not in result.trace
 
 
-async def test_budget_max_tokens_clamps_the_samples_then_stops() -> None:
+async def test_budget_max_tokens_shrinks_the_samples_then_stops() -> None:
     gen = ScriptedGenerator(rating_script(CANDIDATES, rated(5, 9, 3, 7)))
     result = await run_strategy("best-of-n", MATH, gen, params={"n": 4}, budget=Budget(max_tokens=40))
     assert result.budget_limited and result.stop_reason.startswith("budget")
-    (sample,) = gen.requests  # four ratings would not fit in what the samples left
-    assert sample.max_tokens == 40 // 4
+    (sample,) = gen.requests  # the ratings would not fit in what the samples left
+    # Fewer samples first (4 -> 1), then shorter: 40 less the prompt's estimate of 22.
+    assert (sample.n, sample.max_tokens) == (1, 40 - 22)
     assert result.answer == "answer zero"
 
 

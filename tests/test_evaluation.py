@@ -357,14 +357,14 @@ async def test_failed_pairs_are_recorded_then_retried_on_resume(tmp_path: Path) 
 async def test_match_budget_applies_to_every_setting(tmp_path: Path) -> None:
     items = arithmetic_items(WRONG + 1, difficulty=1)
     settings = [EvalSetting("greedy", "none", {"temperature": 0}), EvalSetting("sc-k8", "self-consistency", {"k": 8})]
-    solver = InProcessSolver(ScriptedGenerator(arithmetic_model(items)), budget=Budget(max_tokens=16))
-    await run_eval(items, settings, solver, tmp_path, match_budget=16)
+    solver = InProcessSolver(ScriptedGenerator(arithmetic_model(items)), budget=Budget(max_tokens=48))
+    await run_eval(items, settings, solver, tmp_path, match_budget=48)
     records = read_results(tmp_path / "results.jsonl")
-    assert all(r["budget_max_tokens"] == 16 for r in records)
+    assert all(r["budget_max_tokens"] == 48 for r in records)
     by_label = {r["label"]: r for r in records if r["item_id"] == items[WRONG].id}
     assert by_label["greedy"]["budget_limited"] is False and by_label["greedy"]["correct"] is True
-    # 16 tokens cannot pay for 8 samples of >= 8 tokens: the run stops within its budget.
-    assert by_label["sc-k8"]["budget_limited"] is True and by_label["sc-k8"]["total_tokens"] <= 16
+    # 48 tokens cannot pay for the prompt and 8 samples of 8 tokens: the run stops within its budget.
+    assert by_label["sc-k8"]["budget_limited"] is True and by_label["sc-k8"]["total_tokens"] <= 48
 
 
 def test_out_dir_refuses_a_different_experiment(tmp_path: Path) -> None:

@@ -614,13 +614,15 @@ async def test_budget_max_calls_returns_the_draft() -> None:
     assert len(gen.requests) == 1 and result.usage.backend_calls == 1
 
 
-async def test_budget_max_tokens_clamps_then_stops() -> None:
+async def test_budget_max_tokens_shrinks_then_stops() -> None:
     gen = ScriptedGenerator(lambda req, i: f"The answer is {42 if i % 2 == 0 else 41}.")
     result = await run_strategy("self-consistency", MATH, gen, budget=Budget(max_tokens=40),
                                 params={"k": 8, "adaptive": True, "wave_size": 4})
     assert result.budget_limited and result.stop_reason.startswith("budget")
-    (request,) = gen.requests  # the second wave would not fit
-    assert request.max_tokens == 40 // 4  # each sample clamped to its share of the budget
+    first = gen.requests[0]
+    # The wave does not fit: fewer samples first (4 -> 1), then a shorter one, within the
+    # 40 tokens less the prompt's estimate (18 bytes / 3 + chat overhead 16 = 22).
+    assert (first.n, first.max_tokens) == (1, 40 - 22)
     assert result.usage.total_tokens <= 40
     assert extract_answer(result.answer) == "42"  # best so far: the first wave's vote
 

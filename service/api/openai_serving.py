@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strategies import StrategyResult, Task, strategies
-from strategies.base import StrategyError, gather_or_cancel
+from strategies.base import BudgetLedger, BudgetTooSmall, StrategyError, gather_or_cancel
 
 from ..backends import BackendError
 from .errors import error_body
@@ -108,12 +108,22 @@ class OpenAIServing:
         return Task(prompt=body.text_prompt, **common)
 
     async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, on_event=None) -> list[StrategyResult]:
-        budget = self.runner.budget(body.budget)
-        return await gather_or_cancel(*(
-            self.runner.run(strategy, task, params=body.strategy_params, budget=budget, use_cache=body.cache,
-                            on_event=on_event)
-            for _ in range(body.n)
-        ))
+        """The ``n`` runs, concurrently, paying from ONE budget (the caller's, capped by
+        the server's ceilings). A run the budget starved answers empty with
+        ``budget_limited``; if every run was starved the request is a 400."""
+        ledger = BudgetLedger(self.runner.budget(body.budget))
+
+        async def one() -> tuple[StrategyResult, BudgetTooSmall | None]:
+            try:
+                return await self.runner.run(strategy, task, params=body.strategy_params, budget=ledger.budget,
+                                             use_cache=body.cache, on_event=on_event, ledger=ledger), None
+            except BudgetTooSmall as exc:
+                return exc.result, exc
+
+        outcomes = await gather_or_cancel(*(one() for _ in range(body.n)))
+        if all(starved is not None for _, starved in outcomes):
+            raise outcomes[0][1]
+        return [result for result, _ in outcomes]
 
     @staticmethod
     def _usage(results: list[StrategyResult]) -> dict[str, int]:

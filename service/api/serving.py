@@ -11,7 +11,7 @@ from typing import Any, Awaitable, TypeVar
 from fastapi import Request
 
 from strategies import Budget, StrategyResult, Task, run_strategy
-from strategies.base import EventCallback, parse_params, get_strategy
+from strategies.base import BudgetLedger, BudgetTooSmall, EventCallback, get_strategy, parse_params
 
 from .. import metrics
 from ..runtime import Runtime
@@ -43,12 +43,19 @@ class StrategyRunner:
         parse_params(get_strategy(strategy), params, self.settings.limits)
 
     async def run(self, strategy: str, task: Task, *, params: dict[str, Any] | None, budget: Budget,
-                  use_cache: bool = True, on_event: EventCallback | None = None) -> StrategyResult:
-        with metrics.track_strategy(strategy):
-            result = await run_strategy(
-                strategy, task, self.runtime.backend, params=params, cache=self.runtime.cache, budget=budget,
-                limits=self.settings.limits, on_event=on_event, use_cache=use_cache, model_id=task.model or "",
-            )
+                  use_cache: bool = True, on_event: EventCallback | None = None,
+                  ledger: BudgetLedger | None = None) -> StrategyResult:
+        """One metered run; ``ledger`` shares one budget between the runs of one request."""
+        try:
+            with metrics.track_strategy(strategy):
+                result = await run_strategy(
+                    strategy, task, self.runtime.backend, params=params, cache=self.runtime.cache, budget=budget,
+                    limits=self.settings.limits, on_event=on_event, use_cache=use_cache, model_id=task.model or "",
+                    ledger=ledger,
+                )
+        except BudgetTooSmall as exc:
+            metrics.record_usage(strategy, exc.result.usage)
+            raise
         metrics.record_usage(strategy, result.usage)
         return result
 

@@ -1,7 +1,8 @@
 """What one backend call costs ponder's process, by HTTP client, on the fan-out pattern
 strategies use (checklist-bon sends N×K = 32 judgments at once): ponder's ``HTTPBackend`` as
-``ponder serve`` builds it (its own HTTP/1.1 client, ``service/http1.py``, since ``2f01474``)
-against the aiohttp and httpx set-ups it replaced.
+``ponder serve`` builds it (on aiohttp again since issue #15; its own HTTP/1.1 client
+``service/http1.py`` from ``2f01474`` until then) against a bare aiohttp session and the httpx
+set-ups it replaced.
 
 Starts the mock backend (ttft 20 ms, tpot 2 ms) in a subprocess on a free loopback port, then
 in this process, for each client: ``--rounds`` fan-outs of ``--width`` concurrent 1-token
@@ -13,11 +14,10 @@ as the mock saw it (first to last request start, from ``loadtests.recording_mock
 
 Clients:
 
-* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it: keep-alive
-  connections of ``service.http1.ConnectionPool`` (asyncio Protocol + httptools), with its
-  routing, retries and concurrency limit.
-* ``aiohttp``: one ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``): ponder's backend
-  from ``342cd71`` to ``bb972d1``. Skipped with a note where aiohttp is not installed.
+* ``ponder``: ``service.backends.HTTPBackend`` as ``ponder serve`` builds it: one aiohttp
+  session, with its routing, retries, retry budget, concurrency limit and body checks.
+* ``aiohttp``: one bare ``aiohttp.ClientSession`` (``TCPConnector(limit=256)``): ponder's backend
+  from ``342cd71`` to ``bb972d1``, and the floor for ponder's own bookkeeping on it.
 * ``httpx-pool256``: one ``httpx.AsyncClient`` with 256 connections (ponder's backend up to
   ``b3cf86f``), whose pool scans every pooled connection each time a request takes or returns one.
 * ``httpx-sharded``: 8 ``httpx.AsyncClient`` of 32 connections each, a call on the least busy

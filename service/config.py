@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from strategies.base import Budget, Limits, StrategyError
+
+from .backends import header_value
 
 
 def _split(value: str) -> list[str]:
@@ -16,7 +18,7 @@ def _split(value: str) -> list[str]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PONDER_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PONDER_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     # -- serving
     host: str = "127.0.0.1"
@@ -33,6 +35,18 @@ class Settings(BaseSettings):
     backend_max_retries: int = 3
     backend_max_concurrency: int = 256
     backend_supports_seed: bool = True
+    backend_passthrough_reserve: float = Field(0.125, ge=0, lt=1)
+    backend_queue_timeout_s: float = Field(30.0, gt=0)
+    backend_max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    backend_retry_budget_ratio: float = Field(0.2, ge=0)
+    backend_retry_budget_window_s: float = Field(10.0, gt=0)
+    backend_retry_budget_min: int = Field(10, ge=0)
+    backend_connections_per_host: int = Field(0, ge=0)
+    backend_keepalive_s: float = Field(4.0, gt=0)
+    backend_dns_ttl_s: float = Field(10.0, ge=0)
+    backend_ca_bundle: Path | None = None
+    backend_client_cert: Path | None = None
+    backend_client_key: Path | None = None
 
     # -- embedded engine (used when backend_urls is empty)
     model_cache_dir: Path | None = None
@@ -67,6 +81,12 @@ class Settings(BaseSettings):
     default_deadline_s: float = 300.0
     max_deadline_s: float = 1800.0
     max_tokens_per_sample_default: int = 512
+
+    @field_validator("backend_api_key")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        """A key read from a file keeps its trailing newline: strip it; refuse what no header can carry."""
+        return None if value is None else header_value("PONDER_BACKEND_API_KEY", value) or None
 
     @cached_property
     def backend_url_list(self) -> list[str]:

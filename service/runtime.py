@@ -49,6 +49,18 @@ class Runtime:
                 read_timeout=settings.read_timeout_s,
                 max_retries=settings.backend_max_retries,
                 max_concurrency=settings.backend_max_concurrency,
+                passthrough_reserve=settings.backend_passthrough_reserve,
+                queue_timeout=settings.backend_queue_timeout_s,
+                max_response_bytes=settings.backend_max_response_bytes,
+                retry_budget_ratio=settings.backend_retry_budget_ratio,
+                retry_budget_window_s=settings.backend_retry_budget_window_s,
+                retry_budget_min=settings.backend_retry_budget_min,
+                connections_per_host=settings.backend_connections_per_host,
+                keepalive_s=settings.backend_keepalive_s,
+                dns_ttl_s=settings.backend_dns_ttl_s,
+                ca_bundle=_path(settings.backend_ca_bundle),
+                client_cert=_path(settings.backend_client_cert),
+                client_key=_path(settings.backend_client_key),
                 supports_seed=supports_seed,
                 default_model=model,
             )
@@ -60,3 +72,7 @@ class Runtime:
         await self.cache.aclose()
         if self.engine is not None:
             await self.engine.stop()
+
+
+def _path(value: Path | None) -> str | None:
+    return None if value is None else str(value)

@@ -73,13 +73,29 @@ async def test_retries_503_then_succeeds(fake, make_backend):
     assert backend.endpoints[0].healthy and backend.endpoints[0].failures == 0
 
 
-@pytest.mark.parametrize("status", [502, 504])
-async def test_retries_other_gateway_errors(fake, make_backend, status):
+@pytest.mark.parametrize("status", [500, 502])
+async def test_retries_finished_upstream_errors(fake, make_backend, status):
     backend = make_backend([fake.url])
     fake.plan(status, {"error": {"message": "gateway"}})
     [generation] = await backend.generate([completion()])
     assert len(fake.generation_requests) == 2
     assert generation.choices[0].text == "a text 0"
+    # one failure is not enough to eject the only server
+    assert backend.endpoints[0].healthy and backend.endpoints[0].failures == 0
+
+
+async def test_504_is_not_retried_for_a_generation_but_is_for_a_read(fake, make_backend):
+    """Behind a gateway that timed out the upstream may still be generating: asking again
+    would double the work. Listing models is idempotent by construction."""
+    backend = make_backend([fake.url])
+    fake.plan(504, {"error": {"message": "gateway timeout"}})
+    with pytest.raises(UpstreamError) as info:
+        await backend.generate([completion()])
+    assert info.value.status_code == 504
+    assert len(fake.generation_requests) == 1
+    fake.plan(504, {"error": {"message": "gateway timeout"}}, path="/v1/models")
+    assert (await backend.models())["data"][0]["id"] == "fake-model"
+    assert [r.path for r in fake.requests].count("/v1/models") == 2
 
 
 async def test_retries_exhausted_surface_last_upstream_error(fake, make_backend):
@@ -201,7 +217,8 @@ async def test_failed_request_retries_on_other_endpoint(fake, fake_b, make_backe
     assert len(fake.generation_requests) == 1
     assert len(fake_b.generation_requests) == 1
     assert generation.choices[0].text == "b chat 0"
-    assert not backend.endpoints[0].healthy
+    # 503 is back-pressure from a live server: retried elsewhere, never a reason to eject it
+    assert backend.endpoints[0].healthy and backend.endpoints[0].failures == 0
 
 
 # -- request bodies and parsing ---------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,13 @@ def error_response(status_code: int, message: str, **kwargs: Any) -> JSONRespons
     return JSONResponse(error_body(status_code, message, **kwargs), status_code=status_code)
 
 
+def _retry_after(exc: BackendError) -> dict[str, str] | None:
+    """``Retry-After`` (whole seconds, at least 1) when the backend or ponder's queue gave one."""
+    if exc.retry_after is None:
+        return None
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -50,12 +58,13 @@ def install_error_handlers(app: FastAPI) -> None:
         # Upstream 4xx pass through with their own body when it already is an OpenAI error.
         body = exc.body if isinstance(exc.body, dict) and "error" in exc.body else error_body(exc.status_code, str(exc))
         status = exc.status_code if exc.status_code < 500 else 502
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=_retry_after(exc))
 
     @app.exception_handler(BackendError)
     async def _backend(_: Request, exc: BackendError) -> JSONResponse:
         log.warning("backend error: %s", exc)
-        return error_response(exc.status_code, f"backend unavailable: {exc}", type_="backend_error")
+        return JSONResponse(error_body(exc.status_code, f"backend unavailable: {exc}", type_="backend_error"),
+                            status_code=exc.status_code, headers=_retry_after(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from strategies import StrategyResult, Task, strategies
 from strategies.base import BudgetLedger, BudgetTooSmall, StrategyError, gather_or_cancel
 
-from ..backends import BackendError
+from ..backends import BackendError, BackendTimeout
 from .errors import error_body
 from .protocol import ChatCompletionRequest, OpenAIRequest
 from .serving import StrategyRunner, cancel_on_disconnect, new_id
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
 
 
 def split_strategy(body: OpenAIRequest) -> tuple[str | None, str]:
@@ -65,29 +66,66 @@ class OpenAIServing:
     # -- pass-through -------------------------------------------------------------
 
     async def _passthrough(self, request: Request, body: OpenAIRequest, model: str, *, chat: bool) -> Any:
+        """Forward the request as is, under the caller's (or the default) deadline: a
+        complete JSON body (else 502), or the upstream's stream relayed byte for byte."""
         payload = body.passthrough_fields()
         payload["model"] = model
         if not self.backend.config.supports_seed:
             payload.pop("seed", None)
         path = "/v1/chat/completions" if chat else "/v1/completions"
+        deadline_s = self.runner.budget(body.budget).deadline_s
+        deadline = asyncio.get_running_loop().time() + deadline_s
         if not body.stream:
-            raw = await cancel_on_disconnect(request, self.backend.request("POST", path, payload, decode=False))
+            raw = await cancel_on_disconnect(request, _by_deadline(
+                self.backend.request("POST", path, payload, decode=False), deadline, deadline_s))
             return Response(raw, media_type="application/json")
-        # Open the stream before answering, so upstream errors still get a proper status.
-        context = self.backend.stream(path, payload)
-        chunks = await context.__aenter__()
+        # The first chunk is fetched before answering, so upstream errors keep their status.
+        chunks = self._relay(path, payload, deadline, deadline_s)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+        except BaseException:
+            await chunks.aclose()
+            raise
 
-        async def relay() -> AsyncIterator[bytes]:
+        async def rest() -> AsyncIterator[bytes]:
             try:
+                yield first
                 async for chunk in chunks:
                     yield chunk
-            except BackendError as exc:  # the backend broke off mid-stream: say so, then end
-                body = error_body(502, f"backend stream interrupted: {type(exc).__name__}", type_="backend_error")
-                yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
             finally:
-                await context.__aexit__(None, None, None)
+                await chunks.aclose()
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(rest(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _relay(self, path: str, payload: dict[str, Any], deadline: float,
+                     deadline_s: float) -> AsyncIterator[bytes]:
+        """The upstream stream; the ``async with`` lives here, so closing this generator
+        (or its finalisation, whatever the ASGI server does) releases the backend slot and
+        closes the upstream connection. Errors before the first chunk raise (and keep their
+        status); later ones, and the deadline, end the stream with an error event and [DONE]."""
+        started = False
+        try:
+            async with self.backend.stream(path, payload) as chunks:
+                iterator = aiter(chunks)
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                    started = True
+                    yield chunk
+        except TimeoutError:
+            if not started:
+                raise BackendTimeout(f"no answer within the request's deadline of {deadline_s:g}s") from None
+            error = error_body(504, f"deadline of {deadline_s:g}s exceeded mid-stream", type_="backend_error")
+        except BackendError as exc:
+            if not started:
+                raise
+            error = error_body(exc.status_code, f"backend stream interrupted: {exc}", type_="backend_error")
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
     # -- strategies ---------------------------------------------------------------
 
@@ -229,3 +267,12 @@ def _summary(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("text", "table", "usage")} | (
         {"leader": data["table"][0]} if data.get("table") else {}
     )
+
+
+async def _by_deadline(work: Awaitable[T], deadline: float, deadline_s: float) -> T:
+    """``work``, or ``BackendTimeout`` (504) at ``deadline`` (event-loop time)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await work
+    except TimeoutError:
+        raise BackendTimeout(f"no answer within the request's deadline of {deadline_s:g}s") from None

@@ -15,13 +15,20 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Awaitable, Callable, ClassVar, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import prompts
 from .protocol import Cache, Choice, Generation, GenerationRequest, Generator, Usage
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+
+ANSWER_CONSTRAINTS = ("tools", "tool_choice", "functions", "response_format", "guided_json", "guided_regex",
+                      "guided_choice", "guided_grammar", "structured_outputs")
+"""Caller extras that constrain what the answer may be: helper prompts show them to the
+model, and every cache key holds them."""
 
 
 class StrategyError(Exception):
@@ -88,6 +95,40 @@ class Task:
                 return content_text(message.get("content"))
         return content_text(self.messages[-1].get("content"))
 
+    @cached_property
+    def constraints(self) -> dict[str, Any]:
+        """The caller's extras that constrain the answer (``ANSWER_CONSTRAINTS``)."""
+        return {name: value for name, value in self.extra if name in ANSWER_CONSTRAINTS}
+
+    @cached_property
+    def conversation(self) -> str:
+        """The whole task as text for a helper prompt's ``{task}``: system prompt, earlier
+        turns and constraints included (``prompts.render_conversation``)."""
+        return prompts.render_conversation(self.messages, self.prompt, self.constraints)
+
+    @cached_property
+    def identity(self) -> tuple[Any, ...]:
+        """What a cached helper result depends on besides its own inputs: the mode, the
+        whole conversation (or prompt) and the constraints. Part of every cache key."""
+        if self.is_chat:
+            return ("chat", self.messages, self.constraints)
+        return ("completion", self.prompt, self.constraints)
+
+    def refine_request(self, response: str, feedback: str, **sampling: Any) -> GenerationRequest:
+        """A rewrite of ``response`` guided by ``feedback``, which can become the answer, so
+        it keeps everything the caller sent: the ``REFINE`` prompt replaces the last user
+        turn (it quotes that turn and anything after it), after the caller's system prompt
+        and earlier turns, with the caller's extras (``tools``, ``response_format`` ...),
+        model and stop strings. In completion mode the prompt is ``REFINE`` around the task."""
+        if self.prompt is not None:
+            text = prompts.REFINE.format(task=self.conversation, response=response, feedback=feedback)
+            return self.sample_request(prompt=text, **sampling)
+        messages = self.messages
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+        head, tail = messages[:last_user], messages[last_user:]
+        text = prompts.REFINE.format(task=prompts.render_conversation(tail), response=response, feedback=feedback)
+        return self.sample_request(messages=head + ({"role": "user", "content": text},), **sampling)
+
     def sample_request(self, *, n: int = 1, default_temperature: float = 0.7, **overrides: Any) -> GenerationRequest:
         """The task itself as a request for ``n`` samples."""
         fields: dict[str, Any] = {
@@ -107,7 +148,8 @@ class Task:
 
     def aux_request(self, text: str, **sampling: Any) -> GenerationRequest:
         """A strategy's own prompt (critique, judge, checklist), in the task's mode:
-        a user message for chat tasks, a plain prompt for completion tasks."""
+        a user message for chat tasks, a plain prompt for completion tasks. It carries
+        none of the caller's extras: ``text`` shows them (``conversation``)."""
         if self.is_chat:
             return GenerationRequest(messages=({"role": "user", "content": text},), model=self.model, **sampling)
         return GenerationRequest(prompt=text, model=self.model, **sampling)
@@ -340,6 +382,15 @@ class RunContext:
         self.use_cache = use_cache and cache is not None
         self.model_id = model_id or task.model or ""
         self._on_event = on_event
+        self.interrupted: str | None = None
+        """Why the run ended early with its best answer so far (``interrupt``), if it did."""
+
+    def interrupt(self, error: Exception) -> None:
+        """End the run early after a backend call failed for good, answering with the best
+        answer so far: the error goes to ``trace["error"]`` and the stop reason, and the
+        result is flagged ``budget_limited``."""
+        self.interrupted = f"backend error: {type(error).__name__}: {error}"
+        self.trace["error"] = self.interrupted
 
     def emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
@@ -508,6 +559,8 @@ async def run_strategy(
     try:
         async with asyncio.timeout(budget.deadline_s):
             final = await strategy.run(ctx, parsed)
+        if ctx.interrupted:
+            stop_reason, limited = ctx.interrupted, True
     except BudgetExhausted as exc:
         final, stop_reason, limited, exhausted = ctx.best, f"budget: {exc}", True, exc
     except TimeoutError:

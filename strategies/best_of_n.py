@@ -52,7 +52,7 @@ class BestOfN(Strategy):
         greedy ratings, concurrent cached lookups that rate only the misses."""
         greedy = params.judge_samples == 1
         requests = [
-            ctx.task.aux_request(prompts.SCORE.format(task=ctx.task.instruction, response=text),
+            ctx.task.aux_request(prompts.SCORE.format(task=ctx.task.conversation, response=text),
                                  n=params.judge_samples, temperature=0.0 if greedy else params.judge_temperature,
                                  max_tokens=4)
             for text in texts
@@ -60,5 +60,5 @@ class BestOfN(Strategy):
         if not greedy:  # sampled ratings are never cached
             return [[c.text for c in g.choices] for g in await ctx.generate(requests)]
         replies = await ctx.cached_texts("judgment", requests, lambda: [
-            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.instruction, text) for text in texts])
+            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.identity, text) for text in texts])
         return [[reply] for reply in replies]

@@ -71,14 +71,14 @@ class ChecklistBestOfN(Strategy):
     async def _checklist(self, ctx: RunContext, params: ChecklistBoNParams) -> list[str]:
         if params.checklist is not None:
             return [item.strip() for item in params.checklist if item.strip()][: params.max_items]
-        prompt = prompts.CHECKLIST.format(task=ctx.task.instruction, max_items=params.max_items)
+        prompt = prompts.CHECKLIST.format(task=ctx.task.conversation, max_items=params.max_items)
 
         async def write() -> list[str]:
             (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0,
                                                               max_tokens=params.checklist_max_tokens))
             return prompts.parse_checklist(choice.text, params.max_items)
 
-        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.instruction, params.max_items,
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.identity, params.max_items,
                         params.checklist_max_tokens)
         items = await ctx.cached("checklist", key, write)
         # A model that writes no parseable checklist still gets judged on the instruction itself.
@@ -98,10 +98,10 @@ class ChecklistBestOfN(Strategy):
     async def _judge_all(self, ctx: RunContext, texts: list[str], checklist: list[str]) -> list[list[bool | None]]:
         """All candidate × item verdicts, cached ones reused, the rest issued at once."""
         pairs = [(t, item) for t in texts for item in checklist]
-        requests = [ctx.task.aux_request(prompts.JUDGE_ITEM.format(task=ctx.task.instruction, response=text, item=item),
+        requests = [ctx.task.aux_request(prompts.JUDGE_ITEM.format(task=ctx.task.conversation, response=text, item=item),
                                          temperature=0.0, max_tokens=3) for text, item in pairs]
         replies = await ctx.cached_texts("judgment", requests, lambda: [
-            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.instruction, item, text)
+            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.identity, item, text)
             for text, item in pairs])
         verdicts = [prompts.parse_yes_no(r) for r in replies]
         width = len(checklist)
@@ -116,10 +116,8 @@ class ChecklistBestOfN(Strategy):
                       score: float, checklist: list[str], weights: list[float]) -> Choice:
         failed = [item for item, verdict in zip(checklist, row) if not verdict]
         feedback = "The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
-        prompt = prompts.REFINE.format(task=ctx.task.instruction, response=winner.text, feedback=feedback)
-        task = ctx.task
-        (rewrite,) = await ctx.sample(task.aux_request(prompt, temperature=params.temperature,
-                                                       max_tokens=task.max_tokens or 512, stop=task.stop))
+        (rewrite,) = await ctx.sample(ctx.task.refine_request(winner.text, feedback, temperature=params.temperature,
+                                                              max_tokens=ctx.task.max_tokens or 512))
         (new_row,) = await self._judge_all(ctx, [rewrite.text], checklist)
         new_score = self._score(new_row, weights)
         kept = new_score > score

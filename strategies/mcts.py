@@ -1,37 +1,56 @@
-"""MCTS with an LLM, on the generic core in ``search.py``. Two modes:
+"""MCTS with an LLM, on the generic searches in ``search.py``. Two modes:
 
-- ``refine`` (MCTSr, Zhang et al., 2024): nodes are whole answers. Expansion asks for
-  ``branching`` critiques in one ``n`` request and rewrites the answer with each,
-  concurrently. A node's value is its self-evaluated score sampled ``value_samples``
-  times in one ``n`` request, combined as (min + mean) / 2 as in the paper. The answer
-  is the node with the highest value.
-- ``steps``: nodes are partial solutions. Expansion asks for ``branching`` next steps in
-  one ``n`` request that continues the prefix and stops at ``step_delimiter``. A node's
-  value comes from self-evaluating the partial solution, or (``value: rollout``) from
-  completing it greedily and scoring the full solution. A node is terminal when its
-  step holds a final answer or the model ended the solution. The answer is the
-  highest-valued finished solution, else the best path completed greedily.
+- ``refine``: MCTSr (Monte Carlo Tree Self-refine; Zhang et al., 2024, "Accessing GPT-4
+  level Mathematical Olympiad Solutions via Monte Carlo Tree Self-refine with LLaMa-3
+  8B", arXiv:2406.07394), on ``search.MCTSr``. Nodes are whole answers; the root is a
+  sampled draft. Expanding a node asks for ``branching`` critiques in one ``n`` request
+  and rewrites the answer with each (``refine_request``: the caller's conversation,
+  tools and response format kept), concurrently. Rewards: ``value_samples`` strict
+  self-evaluations (``REWARD``, 0-10 read as [0, 1]) in one ``n`` request per visit;
+  full-score suppression (>= 0.975 counts 0.75);
+  Q(a) = ½(min R_a + mean R_a); backup Q'(a) = ½(Q(a) + max over children Q'(c));
+  selection by UCT(a) = Q'(a) + c·sqrt(ln(N(parent) + 1) / (N(a) + ε)) among nodes
+  not fully expanded (fewer than ``branching`` children, or every child below the node);
+  a selected node is rewarded again while it is expanded. The answer is the node with
+  the highest Q'. Per simulation: the re-reward and the critiques together, then the
+  rewrites, then the children's rewards: 3 rounds.
+- ``steps``: plain UCT (``search.MCTS``; as in RAP, Hao et al., 2023) over partial
+  solutions. Expansion asks for ``branching`` next steps in one ``n`` request that
+  continues the prefix and stops at ``step_delimiter``. A step is finished only by the
+  model's end of sequence, the task's own stop string or an answer marker ("the answer
+  is", ``####``, ``\\boxed{``). A blank step is no step (an empty continuation is no
+  solution): it is dropped, and ``min_tokens: 1`` (vLLM) keeps a delimiter the model
+  opens with from ending a step at once. In chat mode the prefix travels as a continued
+  assistant message (``continue_final_message``); templates that trim it (Gemma's,
+  Llama 3's) drop its trailing delimiter, which the model then writes again: that
+  leading delimiter is not doubled in the step. A node's value comes from self-evaluating
+  the partial solution (``value_samples`` scores, ½(min + mean)), or (``value:
+  rollout``) from completing it greedily and scoring the full solution. The answer is
+  the highest-valued finished solution, else the best path completed greedily.
 
 Budget in simulations; each simulation's independent requests go out together.
-``parallel`` expands that many distinct leaves at once (virtual loss steers the
-selections apart): the same calls in fewer sequential rounds, since each
-expansion is 2–3 dependent rounds. Refine mode with simulations 5, branching 2
-takes 2 + 3×5 = 17 rounds at parallel 1 and 2 + 3×3 = 11 at parallel 2 (the first
-iteration has only the root to expand); a branching-1 tree is a chain, which
-parallelism cannot shorten.
+``parallel`` expands that many nodes at once (refine: the top-UCT candidates; steps:
+distinct leaves kept apart by virtual loss): the same calls in fewer sequential
+rounds. Refine mode with simulations 5, branching 2 takes 2 + 3×5 = 17 rounds at
+parallel 1 and 2 + 3×3 = 11 at parallel 2 (the first iteration has only the root to
+expand); in steps mode a branching-1 tree is a chain, which parallelism cannot shorten.
+
+A backend call that fails for good ends the search, not the run: the best answer so
+far comes back with ``budget_limited``, the error in ``trace["error"]`` and the stop
+reason saying so; with no answer yet, the error is raised.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, register
+from .base import BudgetExhausted, Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
 from .protocol import Choice, GenerationRequest
-from .search import MCTS, Node, tree_trace
+from .search import MCTS, MCTSr, Node, RewardNode, tree_trace
 
 
 class MCTSParams(StrategyParams):
@@ -70,45 +89,42 @@ class Partial:
 
 
 class LLMProblem:
-    """Shared by both modes: scoring texts with ``value_samples`` self-evaluations."""
+    """Shared by both modes: ``value_samples`` self-evaluations of texts in one ``n`` request each."""
 
     def __init__(self, ctx: RunContext, params: MCTSParams) -> None:
         self.ctx, self.params = ctx, params
 
-    async def score_texts(self, template: str, texts: Sequence[str]) -> list[float]:
+    async def sample_scores(self, template: str, texts: Sequence[str]) -> list[list[float]]:
+        """Each text's readable scores in [0, 1] (unreadable replies are left out)."""
         requests = [
-            self.ctx.task.aux_request(template.format(task=self.ctx.task.instruction, response=text),
+            self.ctx.task.aux_request(template.format(task=self.ctx.task.conversation, response=text),
                                       n=self.params.value_samples, temperature=self.params.eval_temperature,
                                       max_tokens=4)
             for text in texts
         ]
         generations = await self.ctx.generate(requests)
-        values = []
-        for generation in generations:
-            scores = [s for s in (prompts.parse_score(c.text) for c in generation.choices) if s is not None]
-            values.append((min(scores) + sum(scores) / len(scores)) / 2 if scores else 0.0)
-        return values
+        return [[s for s in (prompts.parse_score(c.text) for c in g.choices) if s is not None] for g in generations]
 
 
 class RefineProblem(LLMProblem):
+    """MCTSr's answer space for ``search.MCTSr``."""
+
     def is_terminal(self, state: Answer) -> bool:
         return False
 
     async def expand(self, state: Answer) -> list[Answer]:
         task = self.ctx.task
-        critique_prompt = prompts.CRITIQUE.format(task=task.instruction, response=state.choice.text)
+        critique_prompt = prompts.CRITIQUE.format(task=task.conversation, response=state.choice.text)
         critiques = await self.ctx.sample(task.aux_request(critique_prompt, n=self.params.branching,
                                                            temperature=self.params.temperature, max_tokens=256))
-        rewrites = [
-            task.aux_request(prompts.REFINE.format(task=task.instruction, response=state.choice.text, feedback=c.text),
-                             temperature=self.params.temperature, max_tokens=task.max_tokens or 512, stop=task.stop)
-            for c in critiques
-        ]
+        rewrites = [task.refine_request(state.choice.text, c.text, temperature=self.params.temperature,
+                                        max_tokens=task.max_tokens or 512)
+                    for c in critiques]
         generations = await self.ctx.generate(rewrites)
         return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations)]
 
-    async def evaluate(self, states: Sequence[Answer]) -> list[float]:
-        return await self.score_texts(prompts.SCORE, [s.choice.text for s in states])
+    async def rewards(self, states: Sequence[Answer]) -> list[list[float]]:
+        return await self.sample_scores(prompts.REWARD, [s.choice.text for s in states])
 
 
 class StepsProblem(LLMProblem):
@@ -127,23 +143,31 @@ class StepsProblem(LLMProblem):
 
     async def expand(self, state: Partial) -> list[Partial]:
         delimiter = self.params.step_delimiter
-        choices = await self.ctx.sample(self._continue(
-            state.text, n=self.params.branching, temperature=self.params.temperature,
-            max_tokens=self.params.step_max_tokens, stop=(delimiter, *self.ctx.task.stop)))
+        # min_tokens (vLLM): a delimiter the model opens with (a blank line, or the one a
+        # trimming chat template dropped from the prefix) cannot end the step at once.
+        request = self._continue(state.text, n=self.params.branching, temperature=self.params.temperature,
+                                 max_tokens=self.params.step_max_tokens, stop=(delimiter, *self.ctx.task.stop))
+        request = replace(request, extra=request.extra + (("min_tokens", 1),))
         children: dict[str, Partial] = {}
-        for choice in choices:
-            ended_step = choice.finish_reason == "stop" and choice.stop_reason == delimiter
-            finished = (not choice.text.strip() or (choice.finish_reason == "stop" and not ended_step)
-                        or _states_answer(choice.text))
-            text = state.text + choice.text + (delimiter if ended_step and not finished else "")
+        for choice in await self.ctx.sample(request):
+            step = choice.text
+            if state.text.endswith(delimiter) and step.startswith(delimiter):
+                step = step[len(delimiter):]  # the delimiter a trimming template dropped, said again
+            if not step.strip():
+                continue  # a blank step is no step (and an empty continuation no solution)
+            ended = _ending(choice, delimiter, self.ctx.task.stop)
+            finished = ended == "solution" or _states_answer(step)
+            text = state.text + step + (delimiter if ended == "step" and not finished else "")
             children.setdefault(text.strip(), Partial(text, finished, choice))  # identical steps merge
         return list(children.values())
 
     async def evaluate(self, states: Sequence[Partial]) -> list[float]:
         if self.params.value == "self_eval":
-            return await self.score_texts(prompts.STEP_SCORE, [s.text for s in states])
-        completed = await self.complete(states)
-        return await self.score_texts(prompts.SCORE, [s.text for s in completed])
+            scores = await self.sample_scores(prompts.STEP_SCORE, [s.text for s in states])
+        else:
+            completed = await self.complete(states)
+            scores = await self.sample_scores(prompts.SCORE, [s.text for s in completed])
+        return [(min(row) + sum(row) / len(row)) / 2 if row else 0.0 for row in scores]
 
     async def complete(self, states: Sequence[Partial]) -> list[Partial]:
         """Greedy rollouts of unfinished solutions, concurrently."""
@@ -151,6 +175,17 @@ class StepsProblem(LLMProblem):
         generations = await self.ctx.generate([self._continue(s.text, temperature=0.0) for s in todo])
         finished = iter(Partial(s.text + g.choices[0].text, True, g.choices[0]) for s, g in zip(todo, generations))
         return [s if s.done else next(finished) for s in states]
+
+
+def _ending(choice: Choice, delimiter: str, task_stop: Sequence[str]) -> str:
+    """How a continuation ended: ``"step"`` at the step delimiter, ``"solution"`` by the
+    model's end of sequence (or a stop token) or by the task's own stop string (even one
+    equal to the delimiter), ``"cut"`` at ``step_max_tokens``."""
+    if choice.finish_reason != "stop":
+        return "cut"
+    if choice.stop_reason == delimiter and delimiter not in task_stop:
+        return "step"
+    return "solution"
 
 
 def _states_answer(text: str) -> bool:
@@ -170,37 +205,54 @@ class MonteCarloTreeSearch(Strategy):
             return await self._refine(ctx, params)
         return await self._steps(ctx, params)
 
-    def _search(self, ctx: RunContext, problem, params: MCTSParams) -> MCTS:
-        def on_expand(node: Node) -> None:
+    @staticmethod
+    def _on_expand(ctx: RunContext) -> Callable[[Any], None]:
+        def on_expand(node: Any) -> None:
             ctx.emit("expand", node=node.index, depth=node.depth,
                      children=[{"id": c.index, "value": round(c.value, 4)} for c in node.children])
-        return MCTS(problem, exploration=params.exploration, max_depth=params.max_depth, on_expand=on_expand,
-                    parallel=params.parallel)
+        return on_expand
+
+    @staticmethod
+    async def _search(ctx: RunContext, tree: MCTS | MCTSr, root: Any, simulations: int,
+                      track: Callable[[Any], None]) -> None:
+        """The search; a backend call that fails for good ends it, not the run, once an
+        answer exists (``ctx.interrupt``)."""
+        try:
+            await tree.search(root, simulations, after_simulation=track)
+        except (BudgetExhausted, StrategyError):
+            raise
+        except Exception as exc:
+            if ctx.best is None:
+                raise
+            ctx.interrupt(exc)
 
     async def _refine(self, ctx: RunContext, params: MCTSParams) -> Candidate:
         problem = RefineProblem(ctx, params)
         (draft,) = await ctx.sample(ctx.task.sample_request(temperature=params.temperature))
         ctx.propose(draft)
-        (root_value,) = await problem.evaluate([Answer(draft)])
-        tree = self._search(ctx, problem, params)
-        root = tree.new_root(Answer(draft), root_value)
+        tree = MCTSr(problem, exploration=params.exploration, max_depth=params.max_depth,
+                     max_children=params.branching, parallel=params.parallel, on_expand=self._on_expand(ctx))
+        root = None
 
-        def best(root: Node) -> Node:
-            return max(root.walk(), key=lambda n: (n.value if n.value is not None else -1.0, -n.index))
-
-        def track(root: Node) -> None:
-            node = best(root)
+        def track(root: RewardNode) -> None:
+            node = tree.best(root)
             ctx.propose(node.state.choice, score=node.value)
 
-        await tree.search(root, params.simulations, after_simulation=track)
-        chosen = best(root)
-        ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.choice.text, "critique": s.critique})
+        try:
+            (rewards,) = await problem.rewards([Answer(draft)])
+            root = tree.new_root(Answer(draft), rewards)
+            await self._search(ctx, tree, root, params.simulations, track)
+        finally:
+            if root is not None:
+                ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.choice.text, "critique": s.critique})
+        chosen = tree.best(root)
         ctx.trace["chosen"] = chosen.index
         return Candidate.of(chosen.state.choice)
 
     async def _steps(self, ctx: RunContext, params: MCTSParams) -> Candidate:
         problem = StepsProblem(ctx, params)
-        tree = self._search(ctx, problem, params)
+        tree = MCTS(problem, exploration=params.exploration, max_depth=params.max_depth,
+                    on_expand=self._on_expand(ctx), parallel=params.parallel)
         root = tree.new_root(Partial(""))
 
         def finished(node: Node) -> bool:
@@ -209,16 +261,21 @@ class MonteCarloTreeSearch(Strategy):
         def track(root: Node) -> None:
             if any(finished(n) for n in root.walk()):
                 node = tree.best_node(root, finished)
-                ctx.propose(Candidate(node.state.text, None, "stop"), score=node.q)
+                message = {"role": "assistant", "content": node.state.text} if ctx.task.is_chat else None
+                ctx.propose(Candidate(node.state.text, message, "stop"), score=node.q)
 
-        await tree.search(root, params.simulations, after_simulation=track)
+        try:
+            await self._search(ctx, tree, root, params.simulations, track)
+        finally:
+            ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.text, "done": s.done})
+        if ctx.interrupted:
+            return ctx.best
         if any(finished(n) for n in root.walk()):
             chosen = tree.best_node(root, finished)
             state = chosen.state
         else:
             chosen = tree.best_path(root)[-1]
             (state,) = await problem.complete([chosen.state])
-        ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.text, "done": s.done})
         ctx.trace["chosen"] = chosen.index
         message = {"role": "assistant", "content": state.text} if ctx.task.is_chat else None
         return Candidate(state.text, message, "stop")

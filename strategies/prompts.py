@@ -8,10 +8,12 @@ shape; the parsers are lenient because small models are.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
-PROMPT_VERSION = "2026-11-22.1"
+PROMPT_VERSION = "2026-11-30.1"
 
 FEEDBACK = """You are reviewing a response to a task.
 
@@ -66,6 +68,16 @@ Rate how correct and complete the response is, strictly. Reply with one integer 
 
 Score:"""
 
+REWARD = """Task:
+{task}
+
+Response:
+{response}
+
+Analyze this response strictly and critically: every flaw, however small, costs points. Be harsh and never give full marks. Reply with one integer from 0 (wrong) to 10 (perfect).
+
+Score:"""
+
 STEP_SCORE = """Problem:
 {task}
 
@@ -105,6 +117,58 @@ Task:
 Which response agrees most with the majority of the responses (the most consistent one)? Reply with its number only.
 
 The most consistent response is Response"""
+
+
+CONVERSATION = """A conversation; the response answers its last {last} message.
+
+{turns}"""
+
+ANSWER_CONSTRAINTS = """The response must also satisfy the caller's settings (JSON):
+{settings}"""
+
+_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def render_conversation(messages: Sequence[Mapping[str, Any]] | None, prompt: str | None = None,
+                        constraints: Mapping[str, Any] | None = None) -> str:
+    """The caller's whole task as text for a helper prompt's ``{task}``.
+
+    A lone user message (or a completion ``prompt``) renders as its text; a longer
+    conversation (system prompt, earlier turns, tool calls and results) renders turn by
+    turn under ``CONVERSATION``. ``constraints`` (the caller's ``tools``,
+    ``response_format`` ...) follow as JSON under ``ANSWER_CONSTRAINTS``.
+    """
+    if prompt is not None:
+        text = prompt
+    elif len(messages) == 1 and messages[0].get("role") == "user":
+        text = message_text(messages[0])
+    else:
+        last = next((_ROLE_NAMES.get(m.get("role"), "user") for m in reversed(messages)
+                     if m.get("role") in ("user", "tool")), "User")
+        turns = "\n\n".join(f"{_ROLE_NAMES.get(m.get('role'), str(m.get('role')))}: {message_text(m)}"
+                             for m in messages)
+        text = CONVERSATION.format(last=last.lower(), turns=turns)
+    if constraints:
+        settings = json.dumps(dict(constraints), ensure_ascii=False, sort_keys=True, default=str)
+        text = f"{text}\n\n{ANSWER_CONSTRAINTS.format(settings=settings)}"
+    return text
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """A message's text: its content (text parts of a list; other parts named in
+    brackets) and any tool calls it makes, as ``[tool call] name(arguments)``."""
+    content = message.get("content")
+    if content is None:
+        parts = []
+    elif isinstance(content, str):
+        parts = [content]
+    else:
+        parts = [part.get("text", "") if part.get("type", "text") == "text" else f"[{part.get('type')}]"
+                 for part in content if isinstance(part, dict)]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        parts.append(f"[tool call] {function.get('name')}({function.get('arguments', '')})")
+    return "\n".join(p for p in parts if p)
 
 
 def render_responses(responses: list[str], max_chars: int = 1200) -> str:

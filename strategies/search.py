@@ -1,5 +1,8 @@
 """Generic Monte Carlo Tree Search over any state space: no prompts, no models.
 
+Two searches share the tree: ``MCTS``, plain UCT with mean-value backups, and
+``MCTSr``, the selection and backup rules of Monte Carlo Tree Self-refine.
+
 A ``SearchProblem`` says how to expand a state into children and how to value
 states (rewards in [0, 1]). Each simulation selects a leaf by UCT, expands it,
 values all its new children in one batch (the problem issues that work
@@ -216,14 +219,177 @@ class MCTS(Generic[S]):
         return max(nodes, key=lambda n: (n.q, -n.index))
 
 
-def tree_trace(root: Node[Any], describe: Callable[[Any], Any]) -> dict[str, Any]:
-    """The tree as nested dicts for the run trace."""
-    return {
+# == MCTSr ========================================================================
+
+
+class RewardProblem(Protocol[S]):
+    async def expand(self, state: S) -> Sequence[S]:
+        """Children of ``state`` (may be empty: a dead end)."""
+        ...
+
+    async def rewards(self, states: Sequence[S]) -> Sequence[Sequence[float]]:
+        """Sampled rewards in [0, 1] for each state of a batch (an empty list when none
+        could be read)."""
+        ...
+
+    def is_terminal(self, state: S) -> bool: ...
+
+
+@dataclass(eq=False)
+class RewardNode(Generic[S]):
+    """An MCTSr node: a state and its sampled rewards R_a (after full-score suppression)."""
+
+    state: S
+    parent: "RewardNode[S] | None" = None
+    depth: int = 0
+    children: list["RewardNode[S]"] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    value: float = 0.0
+    """Q'(a): Q(a) backed up with the children's values."""
+    terminal: bool = False
+    index: int = 0
+
+    @property
+    def visits(self) -> int:
+        """N(a): the number of rewards sampled for the node."""
+        return len(self.rewards)
+
+    @property
+    def q(self) -> float:
+        """Q(a) = ½(min R_a + mean R_a); 0 while no reward could be read."""
+        if not self.rewards:
+            return 0.0
+        return (min(self.rewards) + sum(self.rewards) / len(self.rewards)) / 2
+
+    def walk(self) -> Iterator["RewardNode[S]"]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+class MCTSr(Generic[S]):
+    """Monte Carlo Tree Self-refine's search: Zhang et al., 2024, "Accessing GPT-4 level
+    Mathematical Olympiad Solutions via Monte Carlo Tree Self-refine with LLaMa-3 8B"
+    (arXiv:2406.07394) and its reference code (github.com/trotsky1997/MathBlackBox).
+
+    - Rewards: every visit samples rewards R_a for the node's state. Full-score
+      suppression: a reward >= ``full_score`` counts as ``full_score_value`` (the paper's
+      95 -> 50 on its [-100, 100] scale, i.e. 0.975 -> 0.75 on [0, 1]).
+    - Value: Q(a) = ½(min R_a + mean R_a).
+    - Backpropagation, from the expanded node up to the root:
+      Q'(a) = ½(Q(a) + max over children c of Q'(c)); a leaf's Q' is its Q.
+    - Selection: among the nodes not fully expanded (not terminal, above ``max_depth``,
+      and with fewer than ``max_children`` children or every child's Q below the
+      node's Q), the one with the highest
+      UCT(a) = Q'(a) + c·sqrt(ln(N(parent(a)) + 1) / (N(a) + ε)), N = rewards sampled,
+      ε = 1e-5 (the root has N(parent) = 0). The selected node is rewarded again while
+      it is expanded (its N grows with its visits).
+    - Answer: the node with the highest Q' (ties: more rewards, then the earlier node).
+
+    ``parallel`` > 1 expands the ``parallel`` highest-UCT candidates concurrently.
+    """
+
+    EPSILON = 1e-5
+
+    def __init__(self, problem: RewardProblem[S], *, exploration: float = 1.0, max_depth: int = 8,
+                 max_children: int = 1, parallel: int = 1, full_score: float = 0.975,
+                 full_score_value: float = 0.75,
+                 on_expand: Callable[[RewardNode[S]], None] | None = None) -> None:
+        if parallel < 1 or max_children < 1:
+            raise ValueError(f"parallel and max_children must be at least 1, got {parallel}, {max_children}")
+        self.problem = problem
+        self.exploration = exploration
+        self.max_depth = max_depth
+        self.max_children = max_children
+        self.parallel = parallel
+        self.full_score, self.full_score_value = full_score, full_score_value
+        self.on_expand = on_expand
+        self._count = 0
+
+    def suppress(self, rewards: Sequence[float]) -> list[float]:
+        """Full-score suppression of sampled rewards."""
+        return [self.full_score_value if r >= self.full_score else r for r in rewards]
+
+    def new_root(self, state: S, rewards: Sequence[float]) -> RewardNode[S]:
+        root = RewardNode(state, rewards=self.suppress(rewards), terminal=self.problem.is_terminal(state))
+        root.value = root.q
+        return root
+
+    def uct(self, node: RewardNode[S]) -> float:
+        parent_visits = node.parent.visits if node.parent is not None else 0
+        return node.value + self.exploration * math.sqrt(math.log(parent_visits + 1) / (node.visits + self.EPSILON))
+
+    def expandable(self, node: RewardNode[S]) -> bool:
+        if node.terminal or node.depth >= self.max_depth:
+            return False
+        return len(node.children) < self.max_children or all(c.q < node.q for c in node.children)
+
+    def select_many(self, root: RewardNode[S], count: int) -> list[RewardNode[S]]:
+        """The ``count`` candidates with the highest UCT (ties: the earlier node)."""
+        candidates = [node for node in root.walk() if self.expandable(node)]
+        return sorted(candidates, key=lambda n: (-self.uct(n), n.index))[:count]
+
+    async def search(self, root: RewardNode[S], simulations: int,
+                     after_simulation: Callable[[RewardNode[S]], None] | None = None) -> RewardNode[S]:
+        """Run ``simulations`` expansions (fewer once no node can be expanded), up to
+        ``parallel`` at a time; ``after_simulation(root)`` follows each expansion."""
+        done = 0
+        while done < simulations:
+            nodes = self.select_many(root, min(self.parallel, simulations - done))
+            if not nodes:
+                break
+            await gather_or_cancel(*(self._simulate(root, node, after_simulation) for node in nodes))
+            done += len(nodes)
+        return root
+
+    async def _simulate(self, root: RewardNode[S], node: RewardNode[S],
+                        after_simulation: Callable[[RewardNode[S]], None] | None) -> None:
+        (revisit,), states = await gather_or_cancel(self.problem.rewards([node.state]),
+                                                    self.problem.expand(node.state))
+        node.rewards.extend(self.suppress(revisit))
+        if not states:
+            node.terminal = True
+        else:
+            for state, rewards in zip(states, await self.problem.rewards(states)):
+                self._count += 1
+                child = RewardNode(state, parent=node, depth=node.depth + 1, rewards=self.suppress(rewards),
+                                   terminal=self.problem.is_terminal(state), index=self._count)
+                child.value = child.q
+                node.children.append(child)
+            if self.on_expand is not None:
+                self.on_expand(node)
+        self.backpropagate(node)
+        if after_simulation is not None:
+            after_simulation(root)
+
+    @staticmethod
+    def backpropagate(node: RewardNode[S]) -> None:
+        """Q'(a) = ½(Q(a) + max Q'(child)) from ``node`` up to the root."""
+        current: RewardNode[S] | None = node
+        while current is not None:
+            if current.children:
+                current.value = (current.q + max(c.value for c in current.children)) / 2
+            else:
+                current.value = current.q
+            current = current.parent
+
+    @staticmethod
+    def best(root: RewardNode[S]) -> RewardNode[S]:
+        """The answer: the highest Q' (ties: more rewards, then the earlier node)."""
+        return max(root.walk(), key=lambda n: (n.value, n.visits, -n.index))
+
+
+def tree_trace(root: Node[Any] | RewardNode[Any], describe: Callable[[Any], Any]) -> dict[str, Any]:
+    """The tree as nested dicts for the run trace (MCTSr nodes add their ``rewards``)."""
+    trace = {
         "id": root.index,
         "state": describe(root.state),
         "visits": root.visits,
         "q": round(root.q, 4),
         "value": None if root.value is None else round(root.value, 4),
         "terminal": root.terminal,
-        "children": [tree_trace(child, describe) for child in root.children],
     }
+    if isinstance(root, RewardNode):
+        trace["rewards"] = [round(r, 4) for r in root.rewards]
+    trace["children"] = [tree_trace(child, describe) for child in root.children]
+    return trace

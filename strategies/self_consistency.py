@@ -146,13 +146,13 @@ class SelfConsistency(Strategy):
 
     async def _select_consistent(self, ctx: RunContext, samples: list[Choice]) -> Candidate:
         texts = [s.text for s in samples]
-        prompt = prompts.SELECT_CONSISTENT.format(task=ctx.task.instruction, responses=prompts.render_responses(texts))
+        prompt = prompts.SELECT_CONSISTENT.format(task=ctx.task.conversation, responses=prompts.render_responses(texts))
 
         async def judge() -> str:
             (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8))
             return choice.text
 
-        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "usc", ctx.task.instruction, texts)
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "usc", ctx.task.identity, texts)
         reply = await ctx.cached("judgment", key, judge)
         index = prompts.parse_choice_number(reply, len(samples))
         ctx.trace["usc"] = {"reply": reply, "selected": index}

@@ -92,7 +92,7 @@ class SelfRefine(Strategy):
         return best
 
     async def _feedback(self, ctx: RunContext, params: SelfRefineParams, response: str) -> prompts.Feedback:
-        prompt = prompts.FEEDBACK.format(task=ctx.task.instruction, response=response)
+        prompt = prompts.FEEDBACK.format(task=ctx.task.conversation, response=response)
         request = ctx.task.aux_request(prompt, temperature=params.feedback_temperature,
                                        max_tokens=params.feedback_max_tokens)
 
@@ -102,15 +102,14 @@ class SelfRefine(Strategy):
 
         if params.feedback_temperature > 0:  # sampled critiques are never served from cache
             return prompts.parse_feedback(await critique())
-        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "self-refine/feedback", ctx.task.instruction,
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "self-refine/feedback", ctx.task.identity,
                         response, params.feedback_max_tokens)
         return prompts.parse_feedback(await ctx.cached("critique", key, critique))
 
     async def _refine(self, ctx: RunContext, params: SelfRefineParams, version: Version) -> Choice:
         feedback = version.feedback
         issues = "\n".join(f"- {issue}" for issue in feedback.issues) or feedback.text
-        prompt = prompts.REFINE.format(task=ctx.task.instruction, response=version.choice.text, feedback=issues)
-        request = ctx.task.aux_request(prompt, temperature=params.temperature,
-                                       max_tokens=ctx.task.max_tokens or 512, stop=ctx.task.stop)
+        request = ctx.task.refine_request(version.choice.text, issues, temperature=params.temperature,
+                                          max_tokens=ctx.task.max_tokens or 512)
         (choice,) = await ctx.sample(request)
         return choice

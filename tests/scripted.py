@@ -179,6 +179,10 @@ def is_score(request: GenerationRequest) -> bool:
     return match_template(request, prompts.SCORE) is not None
 
 
+def is_reward(request: GenerationRequest) -> bool:
+    return match_template(request, prompts.REWARD) is not None
+
+
 def is_step_score(request: GenerationRequest) -> bool:
     return match_template(request, prompts.STEP_SCORE) is not None
 
@@ -196,7 +200,7 @@ def is_select(request: GenerationRequest) -> bool:
 
 
 ALL_TEMPLATES = (
-    prompts.FEEDBACK, prompts.REFINE, prompts.CRITIQUE, prompts.SCORE, prompts.STEP_SCORE,
+    prompts.FEEDBACK, prompts.REFINE, prompts.CRITIQUE, prompts.SCORE, prompts.REWARD, prompts.STEP_SCORE,
     prompts.CHECKLIST, prompts.JUDGE_ITEM, prompts.SELECT_CONSISTENT,
 )
 

@@ -295,8 +295,8 @@ MATH = Task(messages=({"role": "user", "content": "What is 6 times 7?"},))
 
 
 def refine_script(request: GenerationRequest, i: int) -> str:
-    """Draft "d"; a rewrite appends "/<critique index>"; a score depends on the text only."""
-    if (fields := match_template(request, prompts.SCORE)) is not None:
+    """Draft "d"; a rewrite appends "/<critique index>"; a reward depends on the text only."""
+    if (fields := match_template(request, prompts.REWARD)) is not None:
         return f" {random.Random(fields['response'] + str(i)).randint(1, 10)}"
     if is_critique(request):
         return f"critique {i}"
@@ -317,16 +317,9 @@ def steps_script(request: GenerationRequest, i: int) -> Choice:
     return Choice(f" step {depth}.{i}", finish_reason="stop", stop_reason="\n")
 
 
-CASES = [
-    ("refine", MATH, refine_script, {"mode": "refine", "simulations": 9, "branching": 2, "max_depth": 4}),
-    ("refine-b3", MATH, refine_script, {"mode": "refine", "simulations": 6, "branching": 3, "max_depth": 3}),
-    ("steps", STEP_TASK, steps_script, {"mode": "steps", "simulations": 8, "branching": 2, "max_depth": 4}),
-]
-
-
-@pytest.mark.parametrize("name,task,script,params", CASES, ids=[c[0] for c in CASES])
-async def test_strategy_parallel_1_sends_what_the_sequential_search_sent(
-        name: str, task: Task, script, params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_strategy_parallel_1_sends_what_the_sequential_search_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    task, script = STEP_TASK, steps_script
+    params = {"mode": "steps", "simulations": 8, "branching": 2, "max_depth": 4}
     runs = []
     for extra in (None, {}, {"parallel": 1}):
         gen = ScriptedGenerator(script)
@@ -347,9 +340,9 @@ def refine_params(simulations: int, branching: int, parallel: int) -> dict:
 
 
 @pytest.mark.parametrize("simulations,branching,sequential,parallel_2", [
-    (4, 2, 14, 11),  # root alone, then 2 leaves, then the 4th: 2 + 3×3
+    (4, 2, 14, 11),  # root alone, then 2 nodes, then the 4th: 2 + 3×3
     (5, 2, 17, 11),  # root alone, then 2 + 2: 2 + 3×3
-    (4, 1, 14, 14),  # a chain: only one leaf is ever open, nothing to overlap
+    (4, 1, 14, 11),  # MCTSr's candidates are every open node, not only leaves: 2 at a time
 ])
 async def test_strategy_refine_same_calls_in_fewer_rounds(
         simulations: int, branching: int, sequential: int, parallel_2: int) -> None:
@@ -358,12 +351,12 @@ async def test_strategy_refine_same_calls_in_fewer_rounds(
         gen = ScriptedGenerator(refine_script, delay=0.02)
         result = await run_strategy("mcts", MATH, gen, params=refine_params(simulations, branching, parallel))
         assert not result.budget_limited
-        # draft + root score, then per expansion: critique, rewrites (one batch), scores (one batch)
-        assert result.usage.backend_calls == 2 + simulations * (1 + 2 * branching)
+        # draft + root reward, then per expansion: the node's reward and the critique (together),
+        # the rewrites (one batch), the children's rewards (one batch)
+        assert result.usage.backend_calls == 2 + simulations * (2 + 2 * branching)
         seen[parallel] = (len(gen.calls), rounds(gen.spans), gen.max_in_flight, len(gen.call_index(is_critique)))
-    assert seen[1] == (2 + 3 * simulations, sequential, 1, simulations)
-    expected_peak = 1 if branching == 1 else 2
-    assert seen[2] == (2 + 3 * simulations, parallel_2, expected_peak, simulations)
+    assert seen[1] == (2 + 4 * simulations, sequential, 2, simulations)
+    assert seen[2] == (2 + 4 * simulations, parallel_2, 4, simulations)
 
 
 async def test_strategy_steps_parallel_keeps_the_answer_and_the_call_count() -> None:

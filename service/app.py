@@ -8,7 +8,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.routing import Match
@@ -16,7 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .api import health, routes
+from .api.admission import Admission
+from .api.auth import require_key_for_metrics
 from .api.errors import install_error_handlers
+from .api.limits import BodyLimitMiddleware
 from .api.openai_serving import OpenAIServing
 from .api.runs import RunManager
 from .api.serving import StrategyRunner
@@ -36,6 +39,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         runner = StrategyRunner(rt)
         app.state.runtime = rt
         app.state.runner = runner
+        app.state.admission = Admission(settings.max_concurrent_runs, settings.max_concurrent_runs_per_key,
+                                        settings.admission_retry_after_s)
         app.state.openai = OpenAIServing(runner)
         app.state.runs = RunManager(runner, rt.cache)
         try:
@@ -51,10 +56,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.include_router(health.router)
     app.include_router(routes.router)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_key_for_metrics)])
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
     return app
 
@@ -91,7 +97,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             metrics.IN_FLIGHT.labels(route).dec()
-            strategy = scope.get("state", {}).get("strategy", "")
+            strategy = metrics.strategy_label(scope.get("state", {}).get("strategy", ""))
             metrics.REQUESTS.labels(route, strategy, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route, strategy).observe(time.perf_counter() - started)
 

@@ -19,7 +19,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = args.port or settings.port
-    logging.getLogger("ponder").info("ponder serving on http://%s:%d", host, port)
+    log = logging.getLogger("ponder")
+    if warning := settings.exposure_warning(host):
+        log.warning("!" * 20 + " %s " + "!" * 20, warning)
+    log.info("ponder serving on http://%s:%d", host, port)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, access_log=False)
     return 0
 

@@ -25,6 +25,16 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "info"
     api_keys: str = Field("", description="Comma-separated bearer keys; empty = no auth.")
+    metrics_public: bool = Field(False, description="Serve /metrics without the API key (when keys are set).")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+    max_concurrent_runs: int = Field(64, ge=1, description="Strategy runs in flight per process (429 beyond).")
+    max_concurrent_runs_per_key: int = Field(16, ge=1, description="Strategy runs in flight per API key (429).")
+    admission_retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 429.")
+    run_max_events: int = Field(256, ge=1, description="Progress events kept per async run.")
+    run_max_event_bytes: int = Field(8192, ge=256, description="Larger event payloads are replaced by a stub.")
+    run_max_record_bytes: int = Field(1024 * 1024, ge=4096, description="Larger run results lose their trace.")
+    run_save_interval_s: float = Field(1.0, gt=0, description="Least time between two saves of a run record.")
 
     # -- backends
     backend_urls: str = Field("", description="Comma-separated vLLM/OpenAI base URLs; empty = embedded engine.")
@@ -81,6 +91,8 @@ class Settings(BaseSettings):
     default_deadline_s: float = 300.0
     max_deadline_s: float = 1800.0
     max_tokens_per_sample_default: int = 512
+    max_tokens_per_sample: int = 4096
+    max_checklist_items: int = 32
 
     @field_validator("backend_api_key")
     @classmethod
@@ -96,6 +108,13 @@ class Settings(BaseSettings):
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_split(self.api_keys))
 
+    def exposure_warning(self, host: str) -> str | None:
+        """A warning when ``host`` is reachable from other machines and no API key is set."""
+        if self.api_key_set or host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+            return None
+        return (f"ponder is binding {host} with NO API key: anyone who can reach this port can run strategies "
+                f"on your backends. Set PONDER_API_KEYS, or bind 127.0.0.1.")
+
     @property
     def limits(self) -> Limits:
         return Limits(
@@ -104,6 +123,8 @@ class Settings(BaseSettings):
             depth=self.max_depth,
             simulations=self.max_simulations,
             branching=self.max_branching,
+            tokens=self.max_tokens_per_sample,
+            checklist_items=self.max_checklist_items,
         )
 
     def budget(

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from strategies import strategies
 from strategies.protocol import Usage
 
 CACHE_REQUESTS = Counter(
@@ -62,6 +63,17 @@ BACKEND_CALLS = Counter("ponder_backend_calls_total", "Backend generation reques
 TOKENS = Counter("ponder_tokens_total", "Tokens spent by strategies, over all internal calls.", ["strategy", "type"])
 
 CLIENT_DISCONNECTS = Counter("ponder_client_disconnects_total", "Requests cancelled because the client went away.")
+
+ADMISSION_REFUSED = Counter("ponder_admission_refused_total",
+                            "Strategy requests answered 429 because the run bound was reached.", ["scope"])
+
+
+def strategy_label(name: object) -> str:
+    """A label value that only ever holds a registered strategy name ("" before one was
+    chosen, ``invalid`` for anything else), so junk input cannot mint new series."""
+    if name in ("", None):
+        return ""
+    return name if isinstance(name, str) and name in strategies() else "invalid"
 
 
 @contextmanager

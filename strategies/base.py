@@ -236,6 +236,20 @@ class BudgetLedger:
         size, overhead = _prompt_bytes(request)
         return math.ceil(size * self._tokens_per_byte) + overhead
 
+    def check_affords(self, request: GenerationRequest) -> None:
+        """Refuse up front (``StrategyError`` naming the budget field) a budget that could
+        not pay for one short sample of ``request``, before any work starts."""
+        if self.budget.max_calls is not None and self.budget.max_calls < 1:
+            raise StrategyError("budget.max_calls allows no backend call", field="budget.max_calls")
+        if self.budget.max_tokens is None:
+            return
+        needed = self.estimate_prompt_tokens(request) + min(MIN_SAMPLE_TOKENS, request.max_tokens)
+        if needed > self.budget.max_tokens:
+            raise StrategyError(
+                f"budget.max_tokens={self.budget.max_tokens} is too small to draw a single answer: the prompt "
+                f"alone is estimated at {needed - min(MIN_SAMPLE_TOKENS, request.max_tokens)} tokens",
+                field="budget.max_tokens")
+
     def reserve(self, requests: Sequence[GenerationRequest]) -> Reservation:
         """Book ``requests`` (shrunk to fit) or raise ``BudgetExhausted``."""
         budget = self.budget
@@ -296,6 +310,10 @@ class Limits:
     depth: int = 8
     simulations: int = 64
     branching: int = 8
+    tokens: int = 4096
+    """``max_tokens`` of a strategy's own calls (checklist, feedback, steps)."""
+    checklist_items: int = 32
+    """Items in a checklist, generated (``max_items``) or given (its length)."""
 
     def check(self, params: BaseModel) -> None:
         for name, info in type(params).model_fields.items():
@@ -305,6 +323,8 @@ class Limits:
                 continue
             cap = getattr(self, limit_name)
             value = getattr(params, name)
+            if isinstance(value, list):
+                value = len(value)
             if value is not None and value > cap:
                 raise StrategyError(
                     f"{name}={value} exceeds this server's cap of {cap} ({limit_name})", field=name

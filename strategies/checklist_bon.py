@@ -11,7 +11,9 @@ re-judges it, and keeps it only if it scores strictly higher.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Annotated
+
+from pydantic import Field, StringConstraints, model_validator
 
 from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register
@@ -21,11 +23,15 @@ from .protocol import Choice
 class ChecklistBoNParams(StrategyParams):
     n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
     temperature: float = Field(0.8, ge=0, le=2)
-    max_items: int = Field(8, ge=1, le=32, description="Checklist length cap.")
-    checklist: list[str] | None = Field(None, description="Use these items instead of generating a checklist.")
-    item_weights: list[float] | None = Field(None, description="One non-negative weight per item.")
+    max_items: int = Field(8, ge=1, le=32, description="Checklist length cap.",
+                           json_schema_extra={"limit": "checklist_items"})
+    checklist: list[Annotated[str, StringConstraints(max_length=1000)]] | None = Field(
+        None, description="Use these items instead of generating a checklist.",
+        json_schema_extra={"limit": "checklist_items"})
+    item_weights: list[float] | None = Field(None, description="One non-negative weight per item.",
+                                             json_schema_extra={"limit": "checklist_items"})
     refine: bool = False
-    checklist_max_tokens: int = Field(384, ge=32, le=4096)
+    checklist_max_tokens: int = Field(384, ge=32, le=4096, json_schema_extra={"limit": "tokens"})
 
     @model_validator(mode="after")
     def _weights_fit(self) -> "ChecklistBoNParams":

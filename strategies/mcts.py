@@ -68,7 +68,7 @@ class MCTSParams(StrategyParams):
     temperature: float = Field(0.8, ge=0, le=2)
     eval_temperature: float = Field(0.7, ge=0, le=2)
     step_delimiter: str = Field("\n", min_length=1, max_length=16)
-    step_max_tokens: int = Field(128, ge=1, le=2048)
+    step_max_tokens: int = Field(128, ge=1, le=2048, json_schema_extra={"limit": "tokens"})
 
 
 @dataclass(frozen=True)

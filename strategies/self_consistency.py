@@ -36,7 +36,8 @@ class SelfConsistencyParams(StrategyParams):
     wave_size: int = Field(4, ge=1, le=64, description="Samples per wave in adaptive mode.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Adaptive stop: P(leader beats runner-up).")
     aggregate: Literal["vote", "llm"] = "vote"
-    n_per_request: int = Field(16, ge=1, le=128, description="Split n above this into several requests.")
+    n_per_request: int = Field(16, ge=1, le=128, description="Split n above this into several requests.",
+                               json_schema_extra={"limit": "samples"})
 
     @model_validator(mode="after")
     def _compatible(self) -> "SelfConsistencyParams":

@@ -25,7 +25,7 @@ class SelfRefineParams(StrategyParams):
                         json_schema_extra={"limit": "branching"})
     temperature: float = Field(0.7, ge=0, le=2, description="Drafting and refining temperature.")
     feedback_temperature: float = Field(0.0, ge=0, le=2)
-    feedback_max_tokens: int = Field(256, ge=16, le=4096)
+    feedback_max_tokens: int = Field(256, ge=16, le=4096, json_schema_extra={"limit": "tokens"})
 
 
 class Version:

@@ -20,10 +20,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready: at least one backend answers its health check."""
+    """Ready: at least one backend answers its health check. Open to all, so it tells
+    each backend's state in configured order, never its URL (which may hold credentials)."""
     runtime = request.app.state.runtime
-    backends = await runtime.backend.ready()
-    ready = any(backends.values())
+    backends = list((await runtime.backend.ready()).values())
+    ready = any(backends)
     body = {"status": "ready" if ready else "unavailable", "backends": backends,
             "cache": getattr(runtime.cache, "breaker_state", "memory")}
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -17,13 +17,16 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
-from strategies import StrategyResult, Task, strategies
+from strategies import Budget, StrategyResult, Task, strategies
 from strategies.base import BudgetLedger, BudgetTooSmall, StrategyError, gather_or_cancel
 
 from ..backends import BackendError, BackendTimeout
-from .errors import error_body
-from .protocol import ChatCompletionRequest, OpenAIRequest
+from .admission import Slot
+from .auth import client_identity
+from .errors import error_body, failure_body
+from .protocol import ChatCompletionRequest, OpenAIRequest, check_request
 from .serving import StrategyRunner, cancel_on_disconnect, new_id
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -52,14 +55,21 @@ class OpenAIServing:
         request.state.strategy = strategy or "none"
         if body.n > self.settings.max_n:
             raise StrategyError(f"n={body.n} exceeds this server's cap of {self.settings.max_n}", field="n")
+        check_request(body, self.settings)
         if strategy is None:
             return await self._passthrough(request, body, model, chat=chat)
         self.runner.validate(strategy, body.strategy_params)
         task = self._task(body, model, chat=chat)
+        budget = self.runner.affordable_budget(task, body.budget)
+        slot = request.app.state.admission.acquire(client_identity(request), weight=body.n)
         if body.stream:
-            return StreamingResponse(self._stream_strategy(body, strategy, task, chat=chat),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await cancel_on_disconnect(request, self._run_n(body, strategy, task))
+            return StreamingResponse(self._stream_strategy(body, strategy, task, budget, slot, chat=chat),
+                                     media_type="text/event-stream", headers=SSE_HEADERS,
+                                     background=BackgroundTask(slot.release))
+        try:
+            results = await cancel_on_disconnect(request, self._run_n(body, strategy, task, budget))
+        finally:
+            slot.release()
         # Already JSON-native: skip FastAPI's recursive jsonable_encoder (slow on big traces).
         return JSONResponse(self._response(body, strategy, task, results, chat=chat))
 
@@ -145,11 +155,12 @@ class OpenAIServing:
             return Task(messages=tuple(body.messages), **common)
         return Task(prompt=body.text_prompt, **common)
 
-    async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, on_event=None) -> list[StrategyResult]:
+    async def _run_n(self, body: OpenAIRequest, strategy: str, task: Task, budget: Budget,
+                     on_event=None) -> list[StrategyResult]:
         """The ``n`` runs, concurrently, paying from ONE budget (the caller's, capped by
         the server's ceilings). A run the budget starved answers empty with
         ``budget_limited``; if every run was starved the request is a 400."""
-        ledger = BudgetLedger(self.runner.budget(body.budget))
+        ledger = BudgetLedger(budget)
 
         async def one() -> tuple[StrategyResult, BudgetTooSmall | None]:
             try:
@@ -199,11 +210,12 @@ class OpenAIServing:
             "choices": choices, "usage": self._usage(results), "ponder": self._ponder(strategy, results),
         }
 
-    async def _stream_strategy(self, body: OpenAIRequest, strategy: str, task: Task, *,
-                               chat: bool) -> AsyncIterator[str]:
-        """Progress as SSE comments while the runs work, then the answers as chunks."""
+    async def _stream_strategy(self, body: OpenAIRequest, strategy: str, task: Task, budget: Budget, slot: Slot,
+                               *, chat: bool) -> AsyncIterator[str]:
+        """Progress as SSE comments while the runs work, then the answers as chunks.
+        The admission ``slot`` is given back when the stream ends, however it ends."""
         events: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
-        work = asyncio.create_task(self._run_n(body, strategy, task,
+        work = asyncio.create_task(self._run_n(body, strategy, task, budget,
                                                on_event=lambda e, d: events.put_nowait((e, d))))
         try:
             while not work.done() or not events.empty():
@@ -216,13 +228,13 @@ class OpenAIServing:
                     getter.cancel()
             results = work.result()
         except (StrategyError, BackendError) as exc:
-            status = 400 if isinstance(exc, StrategyError) else exc.status_code
-            yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
+            yield f"data: {json.dumps(failure_body(exc)[1])}\n\n"
             yield "data: [DONE]\n\n"
             return
         finally:
             if not work.done():  # the client went away: stop the fan-out
                 work.cancel()
+            slot.release()
         for chunk in self._chunks(body, strategy, results, chat=chat):
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"

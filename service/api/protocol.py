@@ -141,3 +141,50 @@ class RunOut(BaseModel):
     created: float
     result: SolveResponse | None = None
     error: dict[str, Any] | None = None
+
+
+# -- checks every request passes before any work ----------------------------------
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Path (``messages.0.content``) of the first string holding a lone UTF-16 surrogate
+    (JSON ``"\\ud800"``: not Unicode text, it cannot be encoded to UTF-8), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, BaseModel):
+        items = [(name, getattr(value, name)) for name in type(value).model_fields]
+        items += list((value.model_extra or {}).items())
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        name = str(key).encode("utf-8", "backslashreplace").decode()  # a path is always printable
+        where = f"{path}.{name}" if path else name
+        if name != str(key):
+            return where
+        found = lone_surrogate_at(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def check_request(body: BaseModel, settings: Any) -> None:
+    """Refuse (400 naming the field) text that is not Unicode and more chat messages
+    than ``PONDER_MAX_MESSAGES``; both would otherwise fail deep inside a run."""
+    where = lone_surrogate_at(body)
+    if where is not None:
+        raise StrategyError(f"{where}: text holds a lone UTF-16 surrogate, which is not valid Unicode", field=where)
+    if isinstance(body, SolveRequest):
+        messages, field = body.task.messages, "task.messages"
+    else:
+        messages, field = getattr(body, "messages", None), "messages"
+    if messages is not None and len(messages) > settings.max_messages:
+        raise StrategyError(f"{field} holds {len(messages)} messages; this server's cap is {settings.max_messages}",
+                            field=field)

@@ -10,10 +10,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from strategies import strategies
 
-from .auth import require_api_key
+from .auth import client_identity, require_api_key
 from .errors import APIError
 from .openai_serving import SSE_HEADERS
-from .protocol import ChatCompletionRequest, CompletionRequest, SolveRequest, SolveResponse
+from .protocol import ChatCompletionRequest, CompletionRequest, SolveRequest, SolveResponse, check_request
 from .serving import cancel_on_disconnect
 
 
@@ -34,8 +34,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def solve(body: SolveRequest, request: Request) -> SolveResponse:
     request.state.strategy = body.strategy
     runner = request.app.state.runner
-    runner.validate(body.strategy, body.params)
-    return await cancel_on_disconnect(request, runner.solve(body))
+    check_request(body, runner.settings)
+    task, budget = await runner.prepare(body)
+    slot = request.app.state.admission.acquire(client_identity(request))
+    try:
+        return await cancel_on_disconnect(request, runner.solve(body, task, budget))
+    finally:
+        slot.release()
 
 
 @router.get("/v1/strategies")
@@ -48,7 +53,11 @@ async def list_strategies() -> dict[str, Any]:
 
 @router.post("/v1/runs", status_code=202)
 async def create_run(body: SolveRequest, request: Request) -> JSONResponse:
-    record = await request.app.state.runs.create(body)
+    request.state.strategy = body.strategy
+    check_request(body, request.app.state.runner.settings)
+    record = await request.app.state.runs.create(body, owner=request.state.principal,
+                                                 admit=lambda: request.app.state.admission.acquire(
+                                                     client_identity(request)))
     return JSONResponse(_public(record), status_code=202, headers={"Location": f"/v1/runs/{record['id']}"})
 
 
@@ -66,8 +75,10 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/runs/{run_id}/events")
 async def run_events(run_id: str, request: Request) -> StreamingResponse:
     await _found(request, run_id)
-    last = request.headers.get("last-event-id")
-    after = int(last) if last and last.isdigit() else -1
+    last = request.headers.get("last-event-id", "").strip()
+    if last and not (last.isascii() and last.isdigit()):
+        raise APIError(400, "Last-Event-ID must be the decimal id of an event this stream sent", param="Last-Event-ID")
+    after = int(last) if last else -1
 
     async def stream():
         async for event in request.app.state.runs.events(run_id, after):
@@ -77,11 +88,13 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
 
 
 async def _found(request: Request, run_id: str) -> dict[str, Any]:
+    """The run, if it exists and belongs to the caller's API key (another key's run is
+    as unknown as a missing one: 404, so ids cannot be probed)."""
     record = await request.app.state.runs.get(run_id)
-    if record is None:
+    if record is None or record.get("owner") != request.state.principal:
         raise APIError(404, f"no run {run_id!r} (unknown or expired)", param="run_id")
     return record
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "events"} | {"events": len(record.get("events", []))}
+    return {k: v for k, v in record.items() if k not in ("events", "owner")} | {"events": len(record.get("events", []))}

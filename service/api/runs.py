@@ -3,30 +3,46 @@
 A run's record (status, result, progress events) lives in the cache store under
 kind ``run`` with a TTL, so another replica sharing the Redis can answer GET and
 stream its events. The replica executing a run saves the record as it changes
-(coalesced, one writer per run) and watches for a cancel flag that any replica
-may set.
+(coalesced, one writer per run, at most once per ``PONDER_RUN_SAVE_INTERVAL_S``) and
+watches for a cancel flag that any replica may set.
+
+Bounded: a run keeps at most ``PONDER_RUN_MAX_EVENTS`` progress events (the terminal
+one always fits), an event payload over ``PONDER_RUN_MAX_EVENT_BYTES`` is replaced by a
+stub, and a result over ``PONDER_RUN_MAX_RECORD_BYTES`` loses its trace. A finished
+run stays in process memory for ``LOCAL_KEEP_S`` only; after that it is read from the
+cache store. Admission: a run holds an admission slot from before its 202 until it
+ends. A run belongs to the API key that created it (``owner``, a hash of the key).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from strategies import Cache
+from strategies import Budget, Cache, Task
 from strategies.base import StrategyError
 
 from ..backends import BackendError
-from .errors import error_body
+from .admission import Slot
+from .errors import error_body, failure_body
 from .protocol import SolveRequest
 from .serving import StrategyRunner, new_id
 
 log = logging.getLogger("ponder.runs")
 
-MAX_EVENTS = 1000
 TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL_EVENTS = {"done", "error", "cancelled"}
+LOCAL_KEEP_S = 60.0
+"""How long a finished run's record stays in this process after its last save."""
+
+
+def _bounded(data: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    size = len(json.dumps(data, default=str))
+    return data if size <= max_bytes else {"truncated": True, "bytes": size}
 
 
 @dataclass
@@ -45,49 +61,64 @@ class RunManager:
         self.poll_s = poll_s
         self.local: dict[str, LocalRun] = {}
 
-    async def create(self, body: SolveRequest) -> dict[str, Any]:
-        self.runner.validate(body.strategy, body.params)
+    async def create(self, body: SolveRequest, *, owner: str | None = None,
+                     admit: Callable[[], Slot] | None = None) -> dict[str, Any]:
+        """Check the request (4xx), take an admission slot (429), then start the run and
+        answer its record at once. ``owner``: the creating API key's principal."""
+        task, budget = await self.runner.prepare(body)
+        slot = admit() if admit is not None else None
         run_id = new_id("run")
         record = {"id": run_id, "status": "queued", "strategy": body.strategy, "created": time.time(),
-                  "result": None, "error": None, "events": []}
+                  "owner": owner, "result": None, "error": None, "events": []}
         run = LocalRun(record)
         self.local[run_id] = run
-        await self._save(record)
-        run.task = asyncio.create_task(self._execute(run, body), name=f"ponder-run-{run_id}")
+        try:
+            await self._save(record)  # readable on every replica before the 202
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        run.task = asyncio.create_task(self._execute(run, body, task, budget, slot), name=f"ponder-run-{run_id}")
         return record
 
-    async def _execute(self, run: LocalRun, body: SolveRequest) -> None:
+    async def _execute(self, run: LocalRun, body: SolveRequest, task: Task, budget: Budget,
+                       slot: Slot | None) -> None:
         record = run.record
+        settings = self.runner.settings
         saver = asyncio.create_task(self._keep_saved(run))
         watcher = asyncio.create_task(self._watch_cancel(run))
 
         def on_event(event: str, data: dict[str, Any]) -> None:
             events = record["events"]
-            if len(events) < MAX_EVENTS:
+            if len(events) < settings.run_max_events - 1 or event in TERMINAL_EVENTS:
                 events.append({"seq": len(events), "event": event, "t": round(time.time() - record["created"], 3),
-                               "data": data})
-            self._touch(run)
+                               "data": _bounded(data, settings.run_max_event_bytes)})
+                self._touch(run)
 
         self._set(run, status="running")
         try:
-            result = await self.runner.solve(body, on_event=on_event, run_id=record["id"])
-            self._set(run, status="succeeded", result=result.model_dump())
+            result = (await self.runner.solve(body, task, budget, on_event=on_event, run_id=record["id"])).model_dump()
+            if len(json.dumps(result, default=str)) > settings.run_max_record_bytes:
+                result["trace"] = {"truncated": True, "reason": "larger than PONDER_RUN_MAX_RECORD_BYTES"}
+            self._set(run, status="succeeded", result=result)
         except asyncio.CancelledError:
             on_event("cancelled", {})
             self._set(run, status="cancelled")
         except (StrategyError, BackendError) as exc:
-            status = 400 if isinstance(exc, StrategyError) else exc.status_code
-            on_event("error", {"message": str(exc)})
-            self._set(run, status="failed", error=error_body(status, str(exc))["error"])
+            error = failure_body(exc)[1]["error"]
+            on_event("error", {"message": error["message"]})
+            self._set(run, status="failed", error=error)
         except Exception as exc:  # a run must always end in a terminal state
             log.exception("run %s failed", record["id"])
             on_event("error", {"message": type(exc).__name__})
             self._set(run, status="failed", error=error_body(500, f"internal error: {type(exc).__name__}")["error"])
         finally:
+            if slot is not None:
+                slot.release()
             watcher.cancel()
             saver.cancel()
             await self._save(record)
-            asyncio.get_running_loop().call_later(self.runner.settings.cache_ttl_run_s,
+            asyncio.get_running_loop().call_later(min(settings.cache_ttl_run_s, LOCAL_KEEP_S),
                                                   self.local.pop, record["id"], None)
 
     def _set(self, run: LocalRun, **fields: Any) -> None:
@@ -108,7 +139,7 @@ class RunManager:
                 await run.changed.wait()
             saved = run.version
             await self._save(run.record)
-            await asyncio.sleep(self.poll_s / 2)
+            await asyncio.sleep(self.runner.settings.run_save_interval_s)
 
     async def _watch_cancel(self, run: LocalRun) -> None:
         while True:

@@ -38,6 +38,13 @@ class StrategyRunner:
         return self.settings.budget(max_calls=given.max_calls, max_tokens=given.max_tokens,
                                     deadline_s=given.deadline_s)
 
+    def affordable_budget(self, task: Task, given: BudgetIn | None) -> Budget:
+        """The request's budget, refused (400 naming the field) if it cannot pay for one
+        answer to ``task``."""
+        budget = self.budget(given)
+        BudgetLedger(budget).check_affords(task.sample_request())
+        return budget
+
     def validate(self, strategy: str, params: dict[str, Any] | None) -> None:
         """Fail fast (4xx) before any work starts or a 202 is sent."""
         parse_params(get_strategy(strategy), params, self.settings.limits)
@@ -59,8 +66,9 @@ class StrategyRunner:
         metrics.record_usage(strategy, result.usage)
         return result
 
-    async def solve(self, body: SolveRequest, *, on_event: EventCallback | None = None,
-                    run_id: str | None = None) -> SolveResponse:
+    async def prepare(self, body: SolveRequest) -> tuple[Task, Budget]:
+        """Everything a task-API request asks, checked (4xx) before any work or a 202."""
+        self.validate(body.strategy, body.params)
         model = await self.model_for(body.model)
         sampling = body.sampling
         task = Task(
@@ -72,9 +80,14 @@ class StrategyRunner:
             max_tokens=sampling.max_tokens or self.settings.max_tokens_per_sample_default,
             stop=tuple(sampling.stop),
         )
-        result = await self.run(body.strategy, task, params=body.params, budget=self.budget(body.budget),
-                                use_cache=body.cache, on_event=on_event)
-        return SolveResponse(id=run_id or new_id("solve"), model=model, **result.as_dict())
+        return task, self.affordable_budget(task, body.budget)
+
+    async def solve(self, body: SolveRequest, task: Task, budget: Budget, *, on_event: EventCallback | None = None,
+                    run_id: str | None = None) -> SolveResponse:
+        """Run a prepared task-API request."""
+        result = await self.run(body.strategy, task, params=body.params, budget=budget, use_cache=body.cache,
+                                on_event=on_event)
+        return SolveResponse(id=run_id or new_id("solve"), model=task.model, **result.as_dict())
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -59,6 +59,7 @@ class OpenAIServing:
         if strategy is None:
             return await self._passthrough(request, body, model, chat=chat)
         self.runner.validate(strategy, body.strategy_params)
+        _refuse_logprobs(body)
         task = self._task(body, model, chat=chat)
         budget = self.runner.affordable_budget(task, body.budget)
         slot = request.app.state.admission.acquire(client_identity(request), weight=body.n)
@@ -247,11 +248,9 @@ class OpenAIServing:
         chunks = []
         for i, r in enumerate(results):
             if chat:
-                message = _assistant_message(r)
-                first = {"role": "assistant", "content": ""}
-                chunks.append({**base, "choices": [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}]})
-                delta = {k: v for k, v in message.items() if k != "role" and v is not None}
-                chunks.append({**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                deltas = _message_deltas(_assistant_message(r))
+                chunks.extend({**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                              for delta in deltas)
                 chunks.append({**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish(r)}]})
             else:
                 chunks.append({**base, "choices": [{"index": i, "text": r.answer, "logprobs": None, "finish_reason": None}]})
@@ -262,10 +261,44 @@ class OpenAIServing:
         return chunks
 
 
+def _refuse_logprobs(body: OpenAIRequest) -> None:
+    """``logprobs``/``top_logprobs`` on a strategy request: a 400 naming the field. A
+    strategy's answer is chosen among, or rewritten over, many samples, so no one
+    sample's logprobs describe it; answering ``logprobs: null`` would hide that."""
+    fields = body.passthrough_fields()
+    for name in ("logprobs", "top_logprobs"):
+        value = fields.get(name)
+        if value is not None and value is not False:  # completions' logprobs=0 asks for them too
+            raise StrategyError(f"{name} cannot be returned for a strategy's answer (chosen among or rewritten "
+                                f"over many samples); leave {name} out, or send the request without a strategy",
+                                field=name)
+
+
 def _assistant_message(result: StrategyResult) -> dict[str, Any]:
+    """The chosen answer as an OpenAI assistant message: ``content`` is null, not "",
+    beside tool calls."""
     message = dict(result.message) if result.message else {}
-    keep = {k: v for k, v in message.items() if k in ("content", "tool_calls", "refusal") and v is not None}
-    return {"role": "assistant", "content": result.answer, **{k: v for k, v in keep.items() if k != "content"}}
+    tool_calls = message.get("tool_calls") or None
+    out: dict[str, Any] = {"role": "assistant", "content": result.answer if result.answer or not tool_calls else None}
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    if message.get("refusal") is not None:
+        out["refusal"] = message["refusal"]
+    return out
+
+
+def _message_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole assistant message as stream deltas, as OpenAI streams one: the role (with
+    ``content`` "" or null), the content, the tool calls, each with its ``index`` (the
+    SDK's stream helpers and LangChain merge tool-call deltas by it), the refusal."""
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None if message["content"] is None else ""}]
+    if message["content"]:
+        deltas.append({"content": message["content"]})
+    if message.get("tool_calls"):
+        deltas.append({"tool_calls": [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]})
+    if message.get("refusal") is not None:
+        deltas.append({"refusal": message["refusal"]})
+    return deltas
 
 
 def _finish(result: StrategyResult) -> str:

@@ -39,6 +39,23 @@ class StrategyError(Exception):
         self.field = field
 
 
+# Caller fields that change what a sample's text is, so votes, ratings and checklists would
+# judge something else (echo: the prompt inside every sample; suffix; token-id text; a
+# stop string kept in the text), or that make samples something other than independent
+# draws from the model (logit_bias and its vLLM kin, best_of, beam search). A strategy
+# request carrying one is refused (400 naming the field); pass-through requests keep them.
+REFUSED_EXTRAS = frozenset({
+    "echo", "suffix", "logit_bias", "allowed_token_ids", "bad_words", "best_of", "use_beam_search",
+    "include_stop_str_in_output", "return_tokens_as_token_ids", "add_generation_prompt",
+    "continue_final_message",
+})
+
+RUN_SEED_STRIDE = 2**32
+"""Seed distance between the proxy's ``n`` runs of one request: run ``i`` seeds from
+``seed + i * RUN_SEED_STRIDE``, so runs never share a seed (a run draws far fewer samples)."""
+_SEED_RANGE = 2**63  # vLLM takes int64 seeds; derived seeds wrap into [0, 2**63)
+
+
 class BudgetExhausted(Exception):
     """Raised inside a run when the next backend call would break the budget.
 
@@ -80,6 +97,10 @@ class Task:
             raise StrategyError("a task needs exactly one of messages or prompt")
         if self.messages is not None and not self.messages:
             raise StrategyError("messages must not be empty", field="messages")
+        for name, _ in self.extra:
+            if name in REFUSED_EXTRAS:
+                raise StrategyError(f"{name} changes what a sample's text means and cannot be used with a "
+                                    "strategy; send it without one", field=name)
 
     @property
     def is_chat(self) -> bool:
@@ -128,6 +149,13 @@ class Task:
         head, tail = messages[:last_user], messages[last_user:]
         text = prompts.REFINE.format(task=prompts.render_conversation(tail), response=response, feedback=feedback)
         return self.sample_request(messages=head + ({"role": "user", "content": text},), **sampling)
+
+    def for_run(self, index: int) -> "Task":
+        """The task for run ``index`` of several answering one request (the proxy's ``n``):
+        a caller's seed moves ``index * RUN_SEED_STRIDE`` on, so each run draws other samples."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index * RUN_SEED_STRIDE) % _SEED_RANGE)
 
     def sample_request(self, *, n: int = 1, default_temperature: float = 0.7, **overrides: Any) -> GenerationRequest:
         """The task itself as a request for ``n`` samples."""
@@ -402,6 +430,7 @@ class RunContext:
         self.use_cache = use_cache and cache is not None
         self.model_id = model_id or task.model or ""
         self._on_event = on_event
+        self._seed_offsets: dict[str, int] = {}
         self.interrupted: str | None = None
         """Why the run ended early with its best answer so far (``interrupt``), if it did."""
 
@@ -426,12 +455,31 @@ class RunContext:
         self.best = Candidate.of(candidate) if isinstance(candidate, Choice) else candidate
         self._best_score = score
 
+    def _distinct_seeds(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
+        """A caller's seed makes a run reproducible, never its samples identical.
+
+        vLLM seeds sample ``i`` of an ``n``-sample request with ``seed + i``; so each seeded
+        request for a prompt starts where the previous ones' samples for that prompt ended
+        (seed + samples already drawn), and no (prompt, seed) pair is drawn twice in a run.
+        Counting per prompt keeps the seeds reproducible when different prompts interleave.
+        """
+        seeded = []
+        for request in requests:
+            if request.seed is None:
+                seeded.append(request)
+                continue
+            prompt = cache_key(request.messages, request.prompt)
+            offset = self._seed_offsets.get(prompt, 0)
+            self._seed_offsets[prompt] = offset + request.n
+            seeded.append(replace(request, seed=(request.seed + offset) % _SEED_RANGE))
+        return seeded
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Issue independent requests concurrently, as one batch, paid from the budget
         (``BudgetLedger.reserve``: the batch may come back with fewer or shorter samples)."""
         if not requests:
             return []
-        reservation = self.ledger.reserve(requests)
+        reservation = self.ledger.reserve(self._distinct_seeds(requests))
         self.budget_bound = self.budget_bound or reservation.shrunk
         self.usage.backend_calls += len(reservation.requests)
         generations = None

@@ -67,6 +67,7 @@ class ChecklistBestOfN(Strategy):
         ctx.trace["candidates"] = [
             {"text": c.text, "verdicts": row, "score": round(s, 4)} for c, row, s in zip(candidates, verdicts, scores)
         ]
+        ctx.trace["unparsed"] = sum(v is None for row in verdicts for v in row)  # judge replies neither YES nor NO
         ctx.trace["chosen"] = best
         ctx.emit("verdicts", scores=[round(s, 4) for s in scores], chosen=best)
         winner: Choice = candidates[best]
@@ -82,7 +83,7 @@ class ChecklistBestOfN(Strategy):
         async def write() -> list[str]:
             (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0,
                                                               max_tokens=params.checklist_max_tokens))
-            return prompts.parse_checklist(choice.text, params.max_items)
+            return prompts.parse_checklist(choice.text, params.max_items, truncated=choice.finish_reason == "length")
 
         key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.identity, params.max_items,
                         params.checklist_max_tokens)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-PROMPT_VERSION = "2026-11-30.1"
+PROMPT_VERSION = "2026-11-30.2"
 
 FEEDBACK = """You are reviewing a response to a task.
 
@@ -177,31 +177,53 @@ def render_responses(responses: list[str], max_chars: int = 1200) -> str:
 
 # -- parsers ---------------------------------------------------------------------
 
-_INT_RE = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = r"-?\d+(?:\.\d+)?"
+# "Score: 8", "Rating (0-10): **8**", "0-10 scale: 8", "I'd rate it 8".
+_LABELLED_SCORE_RE = re.compile(
+    rf"(?:score|rating|rate(?: it)?|scale|grade)\s*(?:\([^)]*\))?\s*(?:is|of)?\s*[:=]?\s*\**\s*({_NUMBER})(?![\d-])(?!\s*(?:–|to)\s*\d)",
+    re.IGNORECASE)
+_FRACTION_SCORE_RE = re.compile(rf"({_NUMBER})\s*(?:/|out of)\s*(\d+)", re.IGNORECASE)
+# A number that stands alone at the start ("8", "**8**.", "7.5\nIssues"), not "3 errors".
+_LEADING_SCORE_RE = re.compile(rf"\s*\**\s*({_NUMBER})\s*\**\s*(?:[.,;:)!]|\n|$)")
+_RANGE_RE = re.compile(rf"{_NUMBER}\s*(?:-|–|to)\s*{_NUMBER}")
 
 
 def parse_score(text: str, *, low: float = 0, high: float = 10) -> float | None:
-    """First number in ``text`` within [low, high], normalised to [0, 1].
+    """A ``low``-``high`` rating in ``text``, normalised to [0, 1]; None when there is none.
 
-    Handles "7", "Score: 7/10", "8 out of 10"; a number outside the range is no score.
+    In order: a number standing alone at the start ("7", "**8**."), a labelled number
+    ("Score: 7", "0-10 scale: 8"), a fraction ("3 errors. 4/10", "8 out of 10", read on its own
+    denominator), then the first number that is not part of a range ("0-10"). A value outside
+    [low, high] is no score.
     """
-    match = _INT_RE.search(text)
-    if match is None:
-        return None
-    value = float(match.group(0))
-    if not low <= value <= high:
+    value: float | None = None
+    if match := _LEADING_SCORE_RE.match(text):
+        value = float(match.group(1))
+    elif match := _LABELLED_SCORE_RE.search(text):
+        value = float(match.group(1))
+    elif (match := _FRACTION_SCORE_RE.search(text)) and int(match.group(2)) > 0:
+        value = low + float(match.group(1)) / int(match.group(2)) * (high - low)
+    elif match := re.search(_NUMBER, _RANGE_RE.sub(" ", text)):
+        value = float(match.group(0))
+    if value is None or not low <= value <= high:
         return None
     return (value - low) / (high - low)
 
 
+_YES = frozenset({"yes", "true", "correct", "right", "yep", "yeah"})
+_NO = frozenset({"no", "false", "incorrect", "wrong", "nope", "fails"})
+_NEGATIONS = frozenset({"not", "isn't", "isnt", "never", "hardly", "doesn't", "doesnt", "cannot"})
+
+
 def parse_yes_no(text: str) -> bool | None:
-    """YES/NO verdict from the start of a reply; None when it says neither."""
-    words = re.findall(r"[a-z]+", text.lower())[:4]
-    for word in words:
-        if word in ("yes", "true", "correct"):
-            return True
-        if word in ("no", "false", "incorrect"):
+    """YES/NO verdict from the start of a reply (its first six words); None when it says
+    neither. A negation before a yes-word makes it NO (" Not correct", "isn't right")."""
+    words = re.findall(r"[a-z']+", text.lower())[:6]
+    for i, word in enumerate(words):
+        if word in _NO:
             return False
+        if word in _YES:
+            return not (i > 0 and words[i - 1] in _NEGATIONS)
     return None
 
 
@@ -214,21 +236,32 @@ def parse_choice_number(text: str, count: int) -> int | None:
     return index if 0 <= index < count else None
 
 
-def parse_checklist(text: str, max_items: int, *, numbered_from: int = 1) -> list[str]:
+_LIST_ITEM_RE = re.compile(r"\s*(?:\d+\s*[.)]|[-*•])\s*(.+)")
+
+
+def parse_checklist(text: str, max_items: int, *, numbered_from: int = 1, truncated: bool = False) -> list[str]:
     """Questions from a numbered or bulleted list; de-duplicated, capped.
 
-    ``numbered_from`` restores the "1." that the prompt's cue already wrote.
+    ``numbered_from`` restores the "1." that the prompt's cue already wrote, unless the reply
+    starts its own list (a chat model's "Here is a checklist:" preamble, then "1. ..."); lines
+    that are not list items are dropped. Markdown emphasis (``**1. Is it formal?**``) is
+    ignored. ``truncated`` (the reply hit max_tokens): its last item is cut off and dropped.
     """
-    if numbered_from and not re.match(r"\s*\d+[.)]", text):
-        text = f"{numbered_from}.{text}"
+    lines = [re.sub(r"\*\*|__", "", line) for line in text.splitlines()]
+    if truncated and lines and not text.endswith("\n"):
+        lines.pop()
+    starts_list = bool(lines) and _LIST_ITEM_RE.match(lines[0])
+    has_own_list = any(re.match(r"\s*1\s*[.)]", line) for line in lines)
+    if numbered_from and lines and not starts_list and not has_own_list:
+        lines[0] = f"{numbered_from}. {lines[0]}"
     items: list[str] = []
     seen: set[str] = set()
-    for line in text.splitlines():
-        match = re.match(r"\s*(?:\d+[.)]|[-*•])\s*(.+)", line)
+    for line in lines:
+        match = _LIST_ITEM_RE.match(line)
         if not match:
             continue
         item = match.group(1).strip()
-        if len(item) < 8:
+        if len(item) < 8 or item.endswith(":"):
             continue
         item = item if item.endswith("?") else item + "?"
         key = item.lower()  # after adding "?", so "X" and "X?" are one item

@@ -2,12 +2,17 @@
 
 - Samples of the one prompt go out as ``n=k`` requests (split above ``n_per_request``),
   all at once.
-- Votes count extracted answers (``answers.extract_answer``); samples without an
-  answer do not vote. ``weighting: logprob`` weighs each vote by exp(mean token logprob).
+- Votes count extracted answers (``answers.extract_answer``), grouped by equivalence
+  (``answers.AnswerBuckets``: ``1/2``, ``0.5`` and ``\\frac12`` are one answer; the first-seen
+  form names the bucket); samples without an answer do not vote. ``weighting: logprob``
+  weighs each vote by exp(mean token logprob), a weight in (0, 1].
 - Tie-break: the larger vote weight, then the answer first seen earliest.
 - ``adaptive`` (Adaptive-Consistency, Aggarwal et al., 2023) samples in waves and stops
   once the leader cannot be overtaken by the samples left, or the Beta posterior
-  probability that the leader beats the runner-up passes ``confidence``.
+  probability that the leader beats the runner-up passes ``confidence``. Stop rules use
+  the decision's measure: with ``weighting: logprob`` only the overtaking rule applies,
+  in weight (each sample left adds at most 1); the Beta posterior counts votes, so it is
+  not used there.
 - ``aggregate: llm`` (Universal Self-Consistency, Chen et al., 2023) asks the model which
   sample is most consistent with the others, for free-form answers.
 """
@@ -21,7 +26,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from . import prompts
-from .answers import AnswerFormat, extract_answer
+from .answers import AnswerBuckets, AnswerFormat, extract_answer
 from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
 from .protocol import Choice
 
@@ -48,17 +53,23 @@ class SelfConsistencyParams(StrategyParams):
 
 @dataclass
 class Tally:
-    """Vote table: answer -> count/weight/sample indices, in first-seen order."""
+    """Vote table: answer bucket -> count/weight/sample indices, in first-seen order.
+
+    Rows are keyed by the bucket's representative (``answers.AnswerBuckets``)."""
 
     rows: dict[str, dict] = field(default_factory=dict)
+    buckets: AnswerBuckets = field(default_factory=AnswerBuckets)
 
-    def add(self, answer: str | None, weight: float, index: int) -> None:
+    def add(self, answer: str | None, weight: float, index: int) -> str | None:
+        """Count one sample's vote; return the representative it was counted under."""
         if answer is None:
-            return
+            return None
+        answer = self.buckets.representative(answer)
         row = self.rows.setdefault(answer, {"answer": answer, "votes": 0, "weight": 0.0, "samples": []})
         row["votes"] += 1
         row["weight"] += weight
         row["samples"].append(index)
+        return answer
 
     def ranked(self) -> list[dict]:
         # Stable sort keeps first-seen order among equal weights: the stated tie-break.
@@ -79,15 +90,18 @@ def prob_leader_ahead(leader: int, runner_up: int) -> float:
     return sum(math.comb(n, j) for j in range(a)) / 2**n
 
 
-def should_stop(tally: Tally, drawn: int, k: int, confidence: float) -> tuple[bool, str]:
+def should_stop(tally: Tally, drawn: int, k: int, confidence: float, *, weighted: bool) -> tuple[bool, str]:
+    """Adaptive stop, in the measure that decides the winner: vote weight (``weighted``;
+    each sample left can add at most 1) or vote count (then also the Beta posterior rule)."""
     ranked = tally.ranked()
     if not ranked:
         return False, ""
-    leader = ranked[0]["votes"]
-    runner_up = ranked[1]["votes"] if len(ranked) > 1 else 0
+    measure = "weight" if weighted else "votes"
+    leader = ranked[0][measure]
+    runner_up = ranked[1][measure] if len(ranked) > 1 else 0
     if leader - runner_up > k - drawn:
         return True, "leader cannot be overtaken"
-    if prob_leader_ahead(leader, runner_up) >= confidence:
+    if not weighted and prob_leader_ahead(leader, runner_up) >= confidence:
         return True, f"P(leader ahead) >= {confidence}"
     return False, ""
 
@@ -110,14 +124,14 @@ class SelfConsistency(Strategy):
             for choice in new:
                 index = len(samples)
                 samples.append(choice)
-                answer = extract_answer(choice.text, params.answer_format)
                 weight = math.exp(choice.mean_logprob) if params.weighting == "logprob" and choice.mean_logprob is not None else 1.0
-                tally.add(answer, weight, index)
+                answer = tally.add(extract_answer(choice.text, params.answer_format), weight, index)
                 ctx.trace["samples"].append({"text": choice.text, "answer": answer, "weight": round(weight, 4)})
             ctx.emit("votes", drawn=len(samples), table=tally.table())
             ctx.propose(self._winner(samples, tally))
             if params.adaptive:
-                stop, why = should_stop(tally, len(samples), params.k, params.confidence)
+                stop, why = should_stop(tally, len(samples), params.k, params.confidence,
+                                        weighted=params.weighting == "logprob")
                 if stop:
                     stop_reason = why
                     break

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from strategies import prompts
-from strategies.answers import extract_answer, normalize_number, normalize_text
+from strategies.answers import AnswerBuckets, answer_key, extract_answer, normalize_number, normalize_text
 from strategies.self_consistency import prob_leader_ahead
 
 # -- numeric ---------------------------------------------------------------------
@@ -56,7 +60,8 @@ def test_first_number() -> None:
 @pytest.mark.parametrize(
     "raw, expected",
     [("1,234.50", "1234.5"), ("$7", "7"), ("3/4", "3/4"), ("6/8", "3/4"), ("19.0", "19"), ("18.", "18"),
-     ("0.50", "0.5"), ("-2", "-2"), ("abc", None), ("1/0", None)],
+     ("0.50", "0.5"), ("-2", "-2"), ("abc", None), ("1/0", None),
+     (".5", "0.5"), ("1234567.5", "1234567.5"), ("12345.67", "12345.67"), ("\u22127", "-7"), ("9{,}500", "9500")],
 )
 def test_normalize_number(raw: str, expected: str | None) -> None:
     assert normalize_number(raw) == expected
@@ -112,7 +117,11 @@ def test_auto_falls_back_to_text() -> None:
 @pytest.mark.parametrize(
     "text, expected",
     [(" 7", 0.7), ("Score: 7/10", 0.7), ("8 out of 10", 0.8), (" 10\nIssues:", 1.0), ("0", 0.0), (" 7.5", 0.75),
-     ("eleven", None), ("15", None), ("-1", None), ("", None)],
+     ("eleven", None), ("15", None), ("-1", None), ("", None),
+     # chat-model forms (issue 12 §4)
+     ("0-10 scale: 8", 0.8), ("3 errors. 4/10", 0.4), ("Rating (0-10): **8**", 0.8), ("**7**.", 0.7),
+     ("I'd rate it 6 because it has 2 errors.", 0.6), ("On a scale of 0 to 10, I give it 9.", 0.9),
+     (" 7\nIssues:\n- 2 errors in step 3/4", 0.7), ("4 out of 5", 0.8)],
 )
 def test_parse_score(text: str, expected: float | None) -> None:
     assert prompts.parse_score(text) == (pytest.approx(expected) if expected is not None else None)
@@ -126,7 +135,10 @@ def test_parse_score_custom_range() -> None:
     "text, expected",
     [(" YES", True), ("yes.", True), ("**Yes**, it does", True), (" NO", False), ("no, it does not", False),
      ("Incorrect.", False), ("The answer is yes", True), ("maybe", None), ("", None),
-     ("I cannot tell whether this is really yes", None)],
+     ("I cannot tell whether this is really yes", None),
+     # chat-model forms (issue 12 §4)
+     (" Not correct", False), ("It isn't right.", False), ("**Answer:** YES", True), ("Wrong.", False),
+     ("Correct, it does.", True), ("No.", False)],
 )
 def test_parse_yes_no(text: str, expected: bool | None) -> None:
     assert prompts.parse_yes_no(text) is expected
@@ -208,3 +220,150 @@ def test_prob_leader_ahead_values() -> None:
     assert prob_leader_ahead(3, 3) == pytest.approx(0.5)
     assert prob_leader_ahead(4, 0) == pytest.approx(31 / 32)
     assert prob_leader_ahead(5, 1) > prob_leader_ahead(4, 1) > prob_leader_ahead(4, 2)
+
+
+# -- answers by meaning (issue 12 §1): every listed input, with its right value ----------
+
+
+def bucket_of(texts: list[str], fmt: str) -> list[str | None]:
+    """The vote each sample casts: its bucket's representative, as the vote table counts it."""
+    buckets = AnswerBuckets()
+    return [None if (a := extract_answer(t, fmt)) is None else buckets.representative(a) for t in texts]
+
+
+@pytest.mark.parametrize(
+    "texts, fmt, votes",
+    [
+        ([r"\boxed{9{,}500}", "The answer is 9,500.", "The answer is 9500."], "numeric", ["9500"] * 3),
+        ([r"\boxed{\frac12}", r"\boxed{\frac{1}{2}}", r"\boxed{\dfrac12}"], "numeric", ["1/2"] * 3),
+        (["The answer is (B).\nA. Lyon is not the capital.\nC. Marseille is not either.",
+          "Answer: B\nWhy not the others:\nA. wrong\nD. wrong"], "choice", ["B", "B"]),
+        ([r"\boxed{A}", "The answer is A."], "choice", ["A", "A"]),
+        ([r"\boxed{A}", "The answer is A."], "auto", ["A", "A"]),
+        (["The answer is \u22127.", "\\boxed{\u22127}", "-7"], "numeric", ["-7"] * 3),
+        (["The answer is .5", "So it is 0.5", r"\boxed{\frac{1}{2}}"], "numeric", ["0.5"] * 3),
+        (["The answer is 12345.67", "The answer is 12345.66"], "numeric", ["12345.67", "12345.66"]),
+        (["The answer is 1234567.5"], "numeric", ["1234567.5"]),
+        (["5 + 2 = 7", "The answer is 5 + 2 = 7.", r"\boxed{5+2=7}", "#### 7"], "numeric", ["7"] * 4),
+        ([r"\boxed{\text{18 dollars}}", r"\boxed{18\text{ dollars}}", r"\boxed{\$18}", "The answer is $18.",
+          r"\boxed{\left(18\right)}", "The answer is 18 dollars."], "numeric", ["18"] * 6),
+        ([r"\boxed{1\!000}", r"\boxed{1\,000}", "\\boxed{1\u2009000}", "The answer is 1,000."], "numeric",
+         ["1000"] * 4),
+        ([r"\boxed{90^\circ}", r"\boxed{90^{\circ}}", "90°"], "numeric", ["90"] * 3),
+    ],
+)
+def test_issue_inputs_vote_by_meaning(texts: list[str], fmt: str, votes: list[str]) -> None:
+    assert bucket_of(texts, fmt) == votes
+
+
+def test_math_answers_merge_by_value_through_math_verify() -> None:
+    texts = [r"\boxed{\sqrt{2}/2}", r"\boxed{\frac{1}{\sqrt{2}}}", r"\boxed{2^{10}}", "The answer is 1024.",
+             r"\boxed{\pi}", "The answer is 3.14159.", r"\boxed{3 \times 4}", r"\boxed{12}"]
+    assert bucket_of(texts, "numeric") == [r"\sqrt{2}/2", r"\sqrt{2}/2", "2^{10}", "2^{10}", r"\pi", "3.14159",
+                                           r"3\times4", r"3\times4"]
+
+
+def test_huge_powers_are_never_evaluated() -> None:
+    """2^{10^{10}} would hang sympy (and nothing can interrupt it off the main thread):
+    it is compared as text, at once."""
+    assert answer_key(extract_answer(r"\boxed{2^{10^{10}}}")) == "text:2^{10^{10}}"
+    assert bucket_of([r"\boxed{2^{10^{10}}}", r"\boxed{3}", r"\boxed{2^{10^{10}}}"], "numeric")[2] == "2^{10^{10}}"
+
+
+async def test_math_verify_runs_off_the_main_thread() -> None:
+    """Math-Verify's signal timeouts fail outside the main thread; ours are off, so a worker
+    thread (as in a threaded server) buckets math answers the same."""
+    texts = [r"\boxed{\sin(\pi/6)}", r"\boxed{\frac{1}{2}}", r"\boxed{\sqrt{8}}", r"\boxed{2\sqrt{2}}"]
+    assert await asyncio.to_thread(bucket_of, texts, "numeric") == [r"\sin(\pi/6)"] * 2 + [r"\sqrt{8}"] * 2
+
+
+def test_text_answers_are_not_parsed_as_math() -> None:
+    assert answer_key("paris") == "paris" and answer_key("B") == "B"
+    assert bucket_of(["The answer is pi.", "The answer is p i."], "text") == ["pi", "p i"]
+
+
+_decimals = st.builds(lambda digits, places: Decimal(digits).scaleb(-places),
+                      st.integers(-10**7, 10**7), st.integers(0, 4))
+
+
+def renderings_of_fraction(value: Fraction) -> list[str]:
+    p, q = value.numerator, value.denominator
+    sign, a = ("-" if p < 0 else ""), abs(p)
+    forms = [f"{p}/{q}", rf"{sign}\frac{{{a}}}{{{q}}}", rf"\dfrac{{{p}}}{{{q}}}", f"\u2212{a}/{q}" if p < 0 else f"{a}/{q}"]
+    if a < 10 and q < 10:
+        forms.append(rf"{sign}\frac{a}{q}")  # \frac12
+    if q == 1:
+        forms += [sign + f"{a:,}".replace(",", "{,}"), f"{sign}{a:,}", rf"{sign}{a}\text{{ apples}}"]
+    return forms
+
+
+def renderings_of_decimal(value: Decimal) -> list[str]:
+    text = format(value, "f")
+    forms = [text, f"\\${text}"]
+    if text.startswith("0."):
+        forms.append(text[1:])  # .5
+    if text.startswith("-"):
+        forms.append("\u2212" + text[1:])
+    return forms
+
+
+def wrap(rendering: str, how: int) -> str:
+    return [f"The answer is {rendering}.", rf"So \boxed{{{rendering}}}", f"#### {rendering}",
+            f"Adding it all up gives {rendering}"][how]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fractions(max_denominator=999).filter(lambda f: abs(f) < 10**6), st.data())
+def test_property_renderings_of_one_fraction_share_a_bucket(value: Fraction, data) -> None:
+    forms = renderings_of_fraction(value)
+    texts = [wrap(f, data.draw(st.integers(0, 3))) for f in forms]
+    keys = {answer_key(extract_answer(t, "numeric")) for t in texts}
+    assert keys == {str(value)}, (texts, keys)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_decimals, st.data())
+def test_property_renderings_of_one_decimal_share_a_bucket_with_its_fraction(value: Decimal, data) -> None:
+    exact = Fraction(value)
+    texts = [wrap(f, data.draw(st.integers(0, 3))) for f in renderings_of_decimal(value)]
+    texts.append(wrap(rf"\frac{{{exact.numerator}}}{{{exact.denominator}}}", 1))
+    assert {answer_key(extract_answer(t, "numeric")) for t in texts} == {str(exact)}, texts
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(_decimals.map(Fraction), st.fractions(max_denominator=999)),
+       st.one_of(_decimals.map(Fraction), st.fractions(max_denominator=999)), st.integers(0, 3), st.integers(0, 3))
+def test_property_distinct_values_never_share_a_bucket(a: Fraction, b: Fraction, how_a: int, how_b: int) -> None:
+    render = lambda v, how: wrap(renderings_of_fraction(v)[0] if v.denominator != 1 else str(v.numerator), how)
+    votes = bucket_of([render(a, how_a), render(b, how_b)], "numeric")
+    assert (votes[0] == votes[1]) == (a == b), (a, b, votes)
+
+
+def test_the_first_seen_form_names_the_bucket() -> None:
+    assert bucket_of(["The answer is 0.5", r"\boxed{\frac12}", "1/2"], "numeric") == ["0.5"] * 3
+    assert bucket_of(["1/2", "The answer is 0.5"], "numeric") == ["1/2"] * 2
+
+
+# -- checklists from chat models (issue 12 §4) --------------------------------------------
+
+
+def test_parse_checklist_drops_a_chat_preamble() -> None:
+    reply = "Here is a checklist:\n\n1. Is the poem about cats?\n2. Does it have four lines?"
+    assert prompts.parse_checklist(reply, 8) == ["Is the poem about cats?", "Does it have four lines?"]
+
+
+def test_parse_checklist_reads_markdown_bold_items() -> None:
+    reply = ("**Checklist:**\n**1. Is the poem about cats?**\n2. **Tone:** Is the tone playful?\n"
+             "- **Does it rhyme?**")
+    assert prompts.parse_checklist(reply, 8) == [
+        "Is the poem about cats?", "Tone: Is the tone playful?", "Does it rhyme?",
+    ]
+
+
+def test_parse_checklist_drops_the_line_cut_off_by_max_tokens() -> None:
+    reply = " Is the poem about cats?\n2. Does it have four lines?\n3. Does the last line men"
+    assert prompts.parse_checklist(reply, 8, truncated=True) == [
+        "Is the poem about cats?", "Does it have four lines?",
+    ]
+    assert len(prompts.parse_checklist(reply, 8)) == 3  # a complete reply keeps its last item
+    assert len(prompts.parse_checklist(reply + "?\n", 8, truncated=True)) == 3  # cut after a full line

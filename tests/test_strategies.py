@@ -507,6 +507,25 @@ async def test_bon_picks_the_candidate_passing_most_items() -> None:
     assert all(r.temperature == 0.0 for r in gen.requests_where(is_judge))
 
 
+async def test_bon_reads_a_chat_models_checklist_and_counts_unparsed_verdicts() -> None:
+    """A chat model's preamble is no item, a max_tokens cut-off item is dropped, and judge
+    replies that are neither YES nor NO are counted in the trace (issue 12 §4)."""
+    reply = f"Here is a checklist:\n**1. {ITEMS[0]}**\n2. {ITEMS[1]}\n3. Does the po"
+
+    def respond(request: GenerationRequest, i: int) -> str | Choice:
+        if is_checklist(request):
+            return Choice(reply, finish_reason="length")
+        if (fields := match_template(request, prompts.JUDGE_ITEM)) is not None:
+            return {"poem zero": " Not correct", "poem one": " YES"}.get(fields["response"], " hmm")
+        return ["poem zero", "poem one", "poem two"][i]
+
+    result = await run_strategy("checklist-bon", POEM, ScriptedGenerator(respond), params={"n": 3})
+    assert [item["item"] for item in result.trace["checklist"]] == ITEMS[:2]
+    assert [c["verdicts"] for c in result.trace["candidates"]] == [[False, False], [True, True], [None, None]]
+    assert result.trace["unparsed"] == 2
+    assert result.answer == "poem one"
+
+
 async def test_bon_reuses_the_cached_checklist_and_judgments() -> None:
     verdicts = {"poem zero": "YNN", "poem one": "YYN", "poem two": "YYY", "poem three": "NNN"}
     cache = DictCache()

@@ -163,14 +163,15 @@ class OpenAIServing:
         ``budget_limited``; if every run was starved the request is a 400."""
         ledger = BudgetLedger(budget)
 
-        async def one() -> tuple[StrategyResult, BudgetTooSmall | None]:
+        async def one(index: int) -> tuple[StrategyResult, BudgetTooSmall | None]:
             try:
-                return await self.runner.run(strategy, task, params=body.strategy_params, budget=ledger.budget,
-                                             use_cache=body.cache, on_event=on_event, ledger=ledger), None
+                return await self.runner.run(strategy, task.for_run(index), params=body.strategy_params,
+                                             budget=ledger.budget, use_cache=body.cache, on_event=on_event,
+                                             ledger=ledger), None
             except BudgetTooSmall as exc:
                 return exc.result, exc
 
-        outcomes = await gather_or_cancel(*(one() for _ in range(body.n)))
+        outcomes = await gather_or_cancel(*(one(i) for i in range(body.n)))
         if all(starved is not None for _, starved in outcomes):
             raise outcomes[0][1]
         return [result for result, _ in outcomes]

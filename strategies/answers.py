@@ -249,8 +249,9 @@ def extract_answer(text: str, fmt: AnswerFormat = "auto") -> str | None:
 # -- equivalence -------------------------------------------------------------------
 
 
-def _is_math(answer: str) -> bool:
-    """Math beyond a plain number. Folded text and letters never hold these characters."""
+def needs_math(answer: str) -> bool:
+    """Whether comparing ``answer`` takes Math-Verify (math beyond a plain number; folded
+    text and letters never hold these characters)."""
     return normalize_number(answer) is None and bool(_MATH_CHARS_RE.search(answer))
 
 
@@ -313,7 +314,7 @@ def answer_key(answer: str) -> str:
     number = normalize_number(answer)
     if number is not None:
         return str(Fraction(number))
-    if not _is_math(answer):
+    if not needs_math(answer):
         return answer
     expr = _parsed(answer)
     if expr is None:
@@ -357,4 +358,9 @@ class AnswerBuckets:
             self._math.append((answer, expr))
         self._by_key[key] = answer
         return answer
+
+    def representatives(self, answers: list[str | None]) -> list[str | None]:
+        """``representative`` of each answer (None stays None), in order; callers run it in a
+        worker thread when ``needs_math`` says sympy work is coming."""
+        return [None if answer is None else self.representative(answer) for answer in answers]
 

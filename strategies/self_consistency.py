@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,7 +27,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from . import prompts
-from .answers import AnswerBuckets, AnswerFormat, extract_answer
+from .answers import AnswerBuckets, AnswerFormat, extract_answer, needs_math
 from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
 from .protocol import Choice
 
@@ -121,11 +122,15 @@ class SelfConsistency(Strategy):
         while len(samples) < params.k:
             count = min(wave, params.k - len(samples))
             new = await self._draw(ctx, params, count)
-            for choice in new:
+            extracted = [extract_answer(choice.text, params.answer_format) for choice in new]
+            if any(answer is not None and needs_math(answer) for answer in extracted):
+                # Math-Verify (sympy) work, bounded but CPU-bound: off the event loop.
+                await asyncio.to_thread(tally.buckets.representatives, extracted)
+            for choice, answer in zip(new, extracted):
                 index = len(samples)
                 samples.append(choice)
                 weight = math.exp(choice.mean_logprob) if params.weighting == "logprob" and choice.mean_logprob is not None else 1.0
-                answer = tally.add(extract_answer(choice.text, params.answer_format), weight, index)
+                answer = tally.add(answer, weight, index)
                 ctx.trace["samples"].append({"text": choice.text, "answer": answer, "weight": round(weight, 4)})
             ctx.emit("votes", drawn=len(samples), table=tally.table())
             ctx.propose(self._winner(samples, tally))

@@ -67,6 +67,20 @@ async def test_sc_modal_answer_wins_even_when_not_first() -> None:
     assert result.trace["votes"][0]["samples"] == [1, 2, 4, 5, 7]
 
 
+async def test_sc_votes_group_samples_by_meaning() -> None:
+    """Issue 12 §1 end to end: differently written equal answers are one vote, the first-seen
+    form names it in the table and in every sample's trace; math goes through Math-Verify."""
+    texts = [r"So \boxed{9{,}500}.", "The answer is 17.", "The answer is 9,500.", "The answer is 9500.",
+             r"\boxed{\frac{1}{\sqrt{2}}}", r"\boxed{\sqrt{2}/2}", "The answer is 17.0"]
+    gen = ScriptedGenerator(lambda request, i: texts[i])
+    result = await run_strategy("self-consistency", MATH, gen, params={"k": len(texts)})
+    votes = {row["answer"]: row["votes"] for row in result.trace["votes"]}
+    assert votes == {"9500": 3, "17": 2, r"\frac{1}{\sqrt{2}}": 2}
+    assert [s["answer"] for s in result.trace["samples"]] == [
+        "9500", "17", "9500", "9500", r"\frac{1}{\sqrt{2}}", r"\frac{1}{\sqrt{2}}", "17"]
+    assert result.answer == texts[0]
+
+
 async def test_sc_splits_large_k_into_concurrent_requests_in_one_batch() -> None:
     gen = ScriptedGenerator(lambda req, i: "The answer is 42.")
     result = await run_strategy("self-consistency", MATH, gen, params={"k": 20, "n_per_request": 8})

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     cache_ttl_critique_s: float = 24 * 3600
     cache_ttl_judgment_s: float = 24 * 3600
     cache_ttl_run_s: float = 3600
+    cache_ttl_verdict_s: float = 24 * 3600
     redis_socket_timeout_s: float = 0.25
     redis_lock_ms: int = 30_000
     redis_lock_wait_s: float = 5.0
@@ -94,6 +95,12 @@ class Settings(BaseSettings):
     max_tokens_per_sample: int = 4096
     max_checklist_items: int = 32
 
+    # -- verifiers (a request's `verify` list)
+    allow_code_execution: bool = Field(False, description="Allow python_tests verifiers to run answer code.")
+    webhook_allowlist: str = Field("", description="Comma-separated URL prefixes webhook verifiers may call.")
+    verifier_workers: int = Field(2, ge=1, description="Check processes and concurrent python_tests runs.")
+    verifier_timeout_s: float = Field(10.0, gt=0, description="Limit per json_schema/regex/ifeval check.")
+
     @field_validator("backend_api_key")
     @classmethod
     def _header_safe(cls, value: str | None) -> str | None:
@@ -103,6 +110,10 @@ class Settings(BaseSettings):
     @cached_property
     def backend_url_list(self) -> list[str]:
         return _split(self.backend_urls)
+
+    @cached_property
+    def webhook_allowlist_list(self) -> list[str]:
+        return _split(self.webhook_allowlist)
 
     @cached_property
     def api_key_set(self) -> frozenset[str]:
@@ -148,4 +159,5 @@ class Settings(BaseSettings):
             "critique": self.cache_ttl_critique_s,
             "judgment": self.cache_ttl_judgment_s,
             "run": self.cache_ttl_run_s,
+            "verdict": self.cache_ttl_verdict_s,
         }

@@ -16,6 +16,7 @@ from .backends import BackendConfig, HTTPBackend
 from .cache import build_cache
 from .config import Settings
 from .engine import EmbeddedEngine
+from .verifiers import VerifierRegistry
 
 log = logging.getLogger("ponder")
 
@@ -25,6 +26,7 @@ class Runtime:
     settings: Settings
     backend: HTTPBackend
     cache: Cache
+    verifiers: VerifierRegistry
     engine: EmbeddedEngine | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -65,11 +67,13 @@ class Runtime:
                 default_model=model,
             )
         )
-        return cls(settings=settings, backend=backend, cache=build_cache(settings), engine=engine)
+        return cls(settings=settings, backend=backend, cache=build_cache(settings),
+                   verifiers=VerifierRegistry.from_settings(settings), engine=engine)
 
     async def stop(self) -> None:
         await self.backend.aclose()
         await self.cache.aclose()
+        await self.verifiers.aclose()
         if self.engine is not None:
             await self.engine.stop()
 

@@ -16,12 +16,15 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Awaitable, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import prompts
 from .protocol import Cache, Choice, Generation, GenerationRequest, Generator, Usage
+
+if TYPE_CHECKING:
+    from .verification import Verification
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -415,6 +418,7 @@ class RunContext:
         use_cache: bool = True,
         model_id: str = "",
         ledger: BudgetLedger | None = None,
+        verification: "Verification | None" = None,
     ) -> None:
         self.generator = generator
         self.task = task
@@ -440,6 +444,8 @@ class RunContext:
         result is flagged ``budget_limited``."""
         self.interrupted = f"backend error: {type(error).__name__}: {error}"
         self.trace["error"] = self.interrupted
+        self.verification = verification
+        """The request's outside checks (``strategies.verification``); None or falsy: none."""
 
     def emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
@@ -604,6 +610,7 @@ async def run_strategy(
     use_cache: bool = True,
     model_id: str = "",
     ledger: BudgetLedger | None = None,
+    verification: "Verification | None" = None,
 ) -> StrategyResult:
     """Validate, run and account for one strategy run.
 
@@ -619,6 +626,7 @@ async def run_strategy(
     ctx = RunContext(
         generator, task, cache=cache, budget=budget, on_event=on_event, use_cache=use_cache, model_id=model_id,
         ledger=ledger,
+        verification=verification,
     )
     budget = ctx.budget
     started = time.perf_counter()

@@ -57,8 +57,10 @@ class OpenAIServing:
             raise StrategyError(f"n={body.n} exceeds this server's cap of {self.settings.max_n}", field="n")
         check_request(body, self.settings)
         if strategy is None:
+            if body.verify:
+                raise StrategyError("verify needs a strategy (this request has none)", field="verify")
             return await self._passthrough(request, body, model, chat=chat)
-        self.runner.validate(strategy, body.strategy_params)
+        self.runner.validate(strategy, body.strategy_params, body.verify)
         _refuse_logprobs(body)
         task = self._task(body, model, chat=chat)
         budget = self.runner.affordable_budget(task, body.budget)
@@ -167,7 +169,7 @@ class OpenAIServing:
             try:
                 return await self.runner.run(strategy, task.for_run(index), params=body.strategy_params,
                                              budget=ledger.budget, use_cache=body.cache, on_event=on_event,
-                                             ledger=ledger), None
+                                             ledger=ledger, verify=body.verify), None
             except BudgetTooSmall as exc:
                 return exc.result, exc
 

@@ -28,6 +28,8 @@ class StrategyFields(BaseModel):
     strategy_params: dict[str, Any] | None = None
     budget: BudgetIn | None = None
     cache: bool = True
+    verify: list[Any] | None = None
+    """Outside checks on candidates (``strategies.verification``); validated by the verifier registry."""
 
 
 class OpenAIRequest(StrategyFields):
@@ -118,6 +120,8 @@ class SolveRequest(BaseModel):
     budget: BudgetIn = Field(default_factory=BudgetIn)
     sampling: SamplingIn = Field(default_factory=SamplingIn)
     cache: bool = Field(True, description="false: neither read nor write cached critiques/checklists.")
+    verify: list[Any] | None = Field(None, description="Verifiers every candidate is checked with "
+                                     "(json_schema, regex, ifeval, python_tests, webhook).")
 
 
 class SolveResponse(BaseModel):

@@ -45,20 +45,23 @@ class StrategyRunner:
         BudgetLedger(budget).check_affords(task.sample_request())
         return budget
 
-    def validate(self, strategy: str, params: dict[str, Any] | None) -> None:
+    def validate(self, strategy: str, params: dict[str, Any] | None, verify: Any = None) -> None:
         """Fail fast (4xx) before any work starts or a 202 is sent."""
         parse_params(get_strategy(strategy), params, self.settings.limits)
+        self.runtime.verifiers.build(verify)
 
     async def run(self, strategy: str, task: Task, *, params: dict[str, Any] | None, budget: Budget,
                   use_cache: bool = True, on_event: EventCallback | None = None,
-                  ledger: BudgetLedger | None = None) -> StrategyResult:
-        """One metered run; ``ledger`` shares one budget between the runs of one request."""
+                  ledger: BudgetLedger | None = None, verify: Any = None) -> StrategyResult:
+        """One metered run; ``ledger`` shares one budget between the runs of one request;
+        ``verify`` is the request's raw verifier list (validated by ``validate``)."""
+        verification = self.runtime.verifiers.build(verify, instruction=task.instruction) if verify else None
         try:
             with metrics.track_strategy(strategy):
                 result = await run_strategy(
                     strategy, task, self.runtime.backend, params=params, cache=self.runtime.cache, budget=budget,
                     limits=self.settings.limits, on_event=on_event, use_cache=use_cache, model_id=task.model or "",
-                    ledger=ledger,
+                    ledger=ledger, verification=verification,
                 )
         except BudgetTooSmall as exc:
             metrics.record_usage(strategy, exc.result.usage)
@@ -68,7 +71,7 @@ class StrategyRunner:
 
     async def prepare(self, body: SolveRequest) -> tuple[Task, Budget]:
         """Everything a task-API request asks, checked (4xx) before any work or a 202."""
-        self.validate(body.strategy, body.params)
+        self.validate(body.strategy, body.params, body.verify)
         model = await self.model_for(body.model)
         sampling = body.sampling
         task = Task(
@@ -86,7 +89,7 @@ class StrategyRunner:
                     run_id: str | None = None) -> SolveResponse:
         """Run a prepared task-API request."""
         result = await self.run(body.strategy, task, params=body.params, budget=budget, use_cache=body.cache,
-                                on_event=on_event)
+                                on_event=on_event, verify=body.verify)
         return SolveResponse(id=run_id or new_id("solve"), model=task.model, **result.as_dict())
 
 

@@ -1,0 +1,95 @@
+"""Verified Best-of-N: sample, check with the request's verifiers, rewrite the failures with their feedback.
+
+Algorithm (rejection sampling with verifier-guided repair, as in generate-verify-refine
+pipelines such as Self-Debugging, Chen et al., 2023, and LEVER, Ni et al., 2023):
+
+1. draw ``n`` candidates in one ``n=N`` request and verify every one;
+2. if some candidate passes every verifier, stop;
+3. otherwise, for up to ``rounds`` rounds: take the ``rewrites`` best failing candidates
+   (by report: checks passed, then mean score; distinct texts only), rewrite each with the
+   ``REFINE`` prompt whose feedback is the failing verifiers' feedback (all rewrites in one
+   batch), verify the rewrites, add them to the pool, and stop once one passes;
+4. answer with ``verification.choose`` over the whole pool: a candidate passing every
+   check, the earliest of those; else the best report. A rewrite never displaces a better
+   candidate, because the pool keeps every version.
+
+Needs a ``verify`` list (400 naming ``verify`` otherwise). Budget stops return the best
+candidate so far.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from . import prompts
+from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
+from .protocol import Choice
+from .verification import Report, choose
+
+
+class VerifiedBoNParams(StrategyParams):
+    n: int = Field(8, ge=1, le=128, description="Candidates drawn first.", json_schema_extra={"limit": "samples"})
+    rounds: int = Field(2, ge=0, le=16, description="Rewrite rounds while nothing passes.",
+                        json_schema_extra={"limit": "rounds"})
+    rewrites: int = Field(2, ge=1, le=16, description="Best failing candidates rewritten per round.",
+                          json_schema_extra={"limit": "branching"})
+    temperature: float = Field(0.8, ge=0, le=2)
+
+
+@register
+class VerifiedBestOfN(Strategy):
+    name = "verified-bon"
+    description = ("Sample N candidates, check them with the request's verifiers, rewrite the best failing "
+                   "ones with the verifiers' feedback until one passes.")
+    Params = VerifiedBoNParams
+
+    async def run(self, ctx: RunContext, params: VerifiedBoNParams) -> Candidate:
+        verification = ctx.verification
+        if not verification:
+            raise StrategyError("verified-bon needs a non-empty verify list", field="verify")
+        pool: list[Choice] = await ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature))
+        ctx.propose(pool[0])
+        reports: list[Report] = await verification.check(ctx, [c.text for c in pool])
+        rounds_trace: list[dict] = []
+        ctx.trace.update({"candidates": [{"text": c.text, "round": 0, **r.as_trace()} for c, r in zip(pool, reports)],
+                          "rounds": rounds_trace})
+        ctx.propose(pool[choose(reports)])
+        for round_ in range(1, params.rounds + 1):
+            if any(r.passed for r in reports):
+                break
+            targets = self._targets(pool, reports, params.rewrites)
+            rewritten = await self._rewrite(ctx, params, [pool[i] for i in targets], [reports[i] for i in targets])
+            new_reports = await verification.check(ctx, [c.text for c in rewritten], stage=f"round {round_}")
+            rounds_trace.append({"round": round_, "rewrote": targets, "passed": [r.passed for r in new_reports]})
+            ctx.trace["candidates"] += [{"text": c.text, "round": round_, "from": i, **r.as_trace()}
+                                        for c, r, i in zip(rewritten, new_reports, targets)]
+            pool += rewritten
+            reports += new_reports
+            ctx.propose(pool[choose(reports)])
+        chosen = choose(reports)
+        ctx.trace.update({"chosen": chosen, "passed": reports[chosen].passed,
+                          "stop": "a candidate passes every verifier" if reports[chosen].passed
+                          else "rounds spent, none passes"})
+        ctx.emit("chosen", index=chosen, passed=reports[chosen].passed)
+        return Candidate.of(pool[chosen])
+
+    @staticmethod
+    def _targets(pool: list[Choice], reports: list[Report], count: int) -> list[int]:
+        """The ``count`` best failing candidates with distinct texts, best first (earliest on ties)."""
+        order = sorted(range(len(pool)), key=lambda i: (reports[i].rank, -i), reverse=True)
+        distinct: dict[str, int] = {}
+        for i in order:
+            distinct.setdefault(pool[i].text.strip(), i)
+        return list(distinct.values())[:count]
+
+    @staticmethod
+    async def _rewrite(ctx: RunContext, params: VerifiedBoNParams, sources: list[Choice],
+                       reports: list[Report]) -> list[Choice]:
+        task = ctx.task
+        requests = [
+            task.aux_request(prompts.REFINE.format(task=task.instruction, response=source.text,
+                                                   feedback=report.feedback),
+                             temperature=params.temperature, max_tokens=task.max_tokens or 512, stop=task.stop)
+            for source, report in zip(sources, reports)
+        ]
+        return [g.choices[0] for g in await ctx.generate(requests)]

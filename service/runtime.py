@@ -26,7 +26,8 @@ class Runtime:
     settings: Settings
     backend: HTTPBackend
     cache: Cache
-    verifiers: VerifierRegistry
+    verifiers: VerifierRegistry = field(default_factory=VerifierRegistry)
+    """Builds a request's ``verify`` checks (default: code execution off, no webhooks)."""
     engine: EmbeddedEngine | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -435,6 +435,8 @@ class RunContext:
         self.model_id = model_id or task.model or ""
         self._on_event = on_event
         self._seed_offsets: dict[str, int] = {}
+        self.verification = verification
+        """The request's outside checks (``strategies.verification``); None or falsy: none."""
         self.interrupted: str | None = None
         """Why the run ended early with its best answer so far (``interrupt``), if it did."""
 
@@ -444,8 +446,6 @@ class RunContext:
         result is flagged ``budget_limited``."""
         self.interrupted = f"backend error: {type(error).__name__}: {error}"
         self.trace["error"] = self.interrupted
-        self.verification = verification
-        """The request's outside checks (``strategies.verification``); None or falsy: none."""
 
     def emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:

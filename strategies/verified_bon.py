@@ -7,7 +7,7 @@ pipelines such as Self-Debugging, Chen et al., 2023, and LEVER, Ni et al., 2023)
 2. if some candidate passes every verifier, stop;
 3. otherwise, for up to ``rounds`` rounds: take the ``rewrites`` best failing candidates
    (by report: checks passed, then mean score; distinct texts only), rewrite each with the
-   ``REFINE`` prompt whose feedback is the failing verifiers' feedback (all rewrites in one
+   ``REFINE`` prompt (``Task.refine_request``: the caller's conversation kept) whose feedback is the failing verifiers' feedback (all rewrites in one
    batch), verify the rewrites, add them to the pool, and stop once one passes;
 4. answer with ``verification.choose`` over the whole pool: a candidate passing every
    check, the earliest of those; else the best report. A rewrite never displaces a better
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
 from .protocol import Choice
 from .verification import Report, choose
@@ -85,11 +84,7 @@ class VerifiedBestOfN(Strategy):
     @staticmethod
     async def _rewrite(ctx: RunContext, params: VerifiedBoNParams, sources: list[Choice],
                        reports: list[Report]) -> list[Choice]:
-        task = ctx.task
-        requests = [
-            task.aux_request(prompts.REFINE.format(task=task.instruction, response=source.text,
-                                                   feedback=report.feedback),
-                             temperature=params.temperature, max_tokens=task.max_tokens or 512, stop=task.stop)
-            for source, report in zip(sources, reports)
-        ]
+        requests = [ctx.task.refine_request(source.text, report.feedback, temperature=params.temperature,
+                                            max_tokens=ctx.task.max_tokens or 512)
+                    for source, report in zip(sources, reports)]
         return [g.choices[0] for g in await ctx.generate(requests)]

@@ -9,6 +9,7 @@ its gate, so "in flight" is exact and nothing here depends on timing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -333,3 +334,47 @@ def test_binding_every_interface_without_a_key_warns(monkeypatch, caplog) -> Non
     with caplog.at_level(logging.WARNING, logger="ponder"):
         cli._serve(type("Args", (), {"host": "0.0.0.0", "port": 8123})(), Settings(backend_urls="http://x"))
     assert any("NO API key" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+# -- run records: bounded, throttled, not kept in memory ----------------------------------------
+
+
+class CountingCache(DictCache):
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts: list[tuple[str, str]] = []
+
+    async def put(self, kind: str, key: str, value, ttl=None) -> None:
+        self.puts.append((kind, key))
+        await super().put(kind, key, value, ttl)
+
+
+async def test_run_records_are_saved_throttled_bounded_and_leave_memory(monkeypatch) -> None:
+    from service.api import runs as runs_module
+    from service.api.protocol import SolveRequest
+    from service.api.serving import StrategyRunner
+
+    monkeypatch.setattr(runs_module, "LOCAL_KEEP_S", 0.05)
+    settings = Settings(backend_urls="http://unused", model="scripted", run_save_interval_s=0.5,
+                        run_max_record_bytes=4096, run_max_event_bytes=256)
+    backend = GatedBackend()
+    backend.generator.delay = 0.06  # a wave of one sample at a time: about 0.7 s of events
+    backend.generator.responder = lambda request, i: "Let me think. " * 40 + "The answer is 4."  # a big trace
+    cache = CountingCache()
+    manager = runs_module.RunManager(StrategyRunner(Runtime(settings=settings, backend=backend, cache=cache)),
+                                     cache)
+    body = SolveRequest(task={"prompt": "2+2= " + "pad " * 400}, strategy="self-consistency",
+                        params={"k": 20, "adaptive": True, "wave_size": 1, "confidence": 0.999999})
+    record = await manager.create(body)
+    await manager.local[record["id"]].task
+    saves = [key for kind, key in cache.puts if key == record["id"]]
+    events = cache.store[("run", record["id"])]["events"]
+    assert len(events) >= 10  # started, a votes event per wave, done ...
+    assert len(saves) <= 4  # ... but the record was written only on 202, about once per 0.5 s, and at the end
+    saved = cache.store[("run", record["id"])]
+    assert saved["status"] == "succeeded" and saved["result"]["trace"]["truncated"] is True
+    assert all(len(json.dumps(e["data"])) <= 256 for e in events)
+    assert any(e["data"].get("truncated") for e in events)
+    await asyncio.sleep(0.1)
+    assert record["id"] not in manager.local  # gone from memory; the cache store still answers
+    assert (await manager.get(record["id"]))["status"] == "succeeded"

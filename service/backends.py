@@ -328,6 +328,7 @@ class HTTPBackend:
         idempotent = method == "GET"
         await self._acquire(fanout)
         self.retry_budget.record_call()
+        streaming = False  # the slot is then released by ``_finish``
         try:
             tried: set[int] = set()
             for attempt in range(self.config.max_retries + 1):
@@ -345,6 +346,7 @@ class HTTPBackend:
                     if response.status < 400 and stream:
                         endpoint.mark_up()
                         outcome = "streaming"
+                        streaming = True
                         return response, endpoint
                     content = await _read_capped(response, self.config.max_response_bytes)
                     outcome = "read"
@@ -391,9 +393,9 @@ class HTTPBackend:
                     raise error
                 await asyncio.sleep(self._backoff(attempt, retry_after))
             raise AssertionError("unreachable: the last attempt returns or raises")
-        except BaseException:
-            self._release(fanout)
-            raise
+        finally:
+            if not streaming:
+                self._release(fanout)
 
     def _finish(self, response: aiohttp.ClientResponse, endpoint: Endpoint, fanout: bool) -> None:
         # A stream read to its end goes back to the pool; one abandoned half-read is closed,

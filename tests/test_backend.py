@@ -208,6 +208,9 @@ async def test_fewest_in_flight_splits_load(fake, fake_b, make_backend):
     # Results come back in request order, whichever server answered.
     assert sorted(g.choices[0].text for g in generations) == ["a chat 0"] * a + ["b chat 0"] * b
     assert [e.in_flight for e in backend.endpoints] == [0, 0]
+    # every concurrency slot is back (the fan-out share and the overall one)
+    assert backend._slots._value == backend.config.max_concurrency
+    assert not backend._fanout_slots.locked()
 
 
 async def test_failed_request_retries_on_other_endpoint(fake, fake_b, make_backend):

@@ -21,6 +21,32 @@ class BudgetIn(BaseModel):
     deadline_s: float | None = Field(None, gt=0, description="Wall-clock seconds; the best answer so far is returned.")
 
 
+FORWARDED_FIELDS = frozenset({
+    # OpenAI, both endpoints
+    "model", "n", "stream", "stream_options", "temperature", "top_p", "max_tokens", "stop", "seed",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "user", "response_format",
+    # OpenAI chat completions
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "reasoning_effort", "metadata", "store", "service_tier",
+    "prompt_cache_key", "safety_identifier", "verbosity",
+    # OpenAI completions
+    "prompt", "best_of", "echo", "suffix",
+    # vLLM's extra sampling and request parameters
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search", "stop_token_ids",
+    "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "prompt_logprobs", "allowed_token_ids",
+    "bad_words", "add_generation_prompt", "continue_final_message", "add_special_tokens", "documents",
+    "chat_template", "chat_template_kwargs", "mm_processor_kwargs", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
+    "structural_tag", "structured_outputs", "priority", "request_id", "return_tokens_as_token_ids",
+    "return_token_ids", "cache_salt", "include_reasoning", "prompt_embeds", "kv_transfer_params",
+    "vllm_xargs",
+})
+"""The request fields forwarded to the backend: OpenAI's (chat and completions) and vLLM's
+extra parameters (``vllm/entrypoints/openai/protocol.py``). Any other field is refused with a
+400 naming it, as OpenAI does ("Unrecognized request argument"), rather than sent upstream."""
+
+
 class StrategyFields(BaseModel):
     """ponder's extension fields, sent by the openai SDK through ``extra_body``."""
 
@@ -56,7 +82,11 @@ class OpenAIRequest(StrategyFields):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def passthrough_fields(self) -> dict[str, Any]:
-        """Everything the caller sent except ponder's own extension fields."""
+        """The caller's fields for the backend: everything sent except ponder's own extension
+        fields. StrategyError (400) naming the first field not in ``FORWARDED_FIELDS``."""
+        for name in self.model_extra or {}:
+            if name not in FORWARDED_FIELDS:
+                raise StrategyError(f"unrecognized request argument: {name}", field=name)
         return self.model_dump(exclude=set(StrategyFields.model_fields), exclude_unset=True)
 
 

@@ -72,15 +72,18 @@ QUEUE_RETRY_AFTER_S = 1.0
 class BackendError(Exception):
     """The backend could not answer (down, timed out, broken response, retries spent).
 
-    ``retry_after``: seconds a client should wait, sent as ``Retry-After`` when set."""
+    ``retry_after``: seconds a client should wait, sent as ``Retry-After`` when set;
+    ``public``: a message safe to show the caller (no URL, no transport detail), if any."""
 
     status_code = 503
 
-    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None,
+                 public: str | None = None) -> None:
         super().__init__(message)
         if status_code is not None:
             self.status_code = status_code
         self.retry_after = retry_after
+        self.public = public
 
 
 class BackendTimeout(BackendError):
@@ -306,8 +309,8 @@ class HTTPBackend:
         except TimeoutError:
             for semaphore in taken:
                 semaphore.release()
-            raise BackendError(f"no backend slot free within {self.config.queue_timeout:g}s (all "
-                               f"{self.config.max_concurrency} in use)", retry_after=QUEUE_RETRY_AFTER_S) from None
+            message = f"no backend slot free within {self.config.queue_timeout:g}s; retry later"
+            raise BackendError(message, retry_after=QUEUE_RETRY_AFTER_S, public=message) from None
         except BaseException:
             for semaphore in taken:
                 semaphore.release()
@@ -353,7 +356,8 @@ class HTTPBackend:
                     if response.status < 400:
                         if not _is_json(content):
                             raise BadResponse(f"backend {endpoint.url} answered HTTP {response.status} with a body "
-                                              f"that is not JSON ({len(content)} bytes)")
+                                              f"that is not JSON ({len(content)} bytes)",
+                                              public="the backend's answer was not complete JSON")
                         endpoint.mark_up()
                         return content, endpoint
                     retry_after = _retry_after(response)
@@ -373,7 +377,7 @@ class HTTPBackend:
                         raise timeout from exc
                     error = timeout
                 except ResponseTooLarge as exc:
-                    raise BadResponse(f"backend {endpoint.url}: {exc}") from None
+                    raise BadResponse(f"backend {endpoint.url}: {exc}", public=str(exc)) from None
                 except BadResponse as exc:
                     endpoint.mark_failed(self.config.eject_seconds)
                     error = exc

@@ -100,7 +100,7 @@ async def test_a_truncated_body_is_never_relayed_as_200(upstream):
         async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
             response = await client.post("/v1/chat/completions", json=CHAT)
     error = assert_openai_error(response, 502)
-    assert "not JSON" in error["message"]
+    assert "not complete JSON" in error["message"]
     assert upstream.calls == 4  # retried first
 
 

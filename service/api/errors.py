@@ -36,6 +36,8 @@ def public_message(exc: BackendError) -> str:
     message, which is about the caller's request."""
     if isinstance(exc, UpstreamError):
         return str(exc)
+    if exc.public:
+        return exc.public
     if isinstance(exc, BackendTimeout):
         return "backend timed out"
     return "backend unavailable"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
@@ -29,6 +30,7 @@ from .errors import error_body, failure_body
 from .protocol import ChatCompletionRequest, OpenAIRequest, check_request
 from .serving import StrategyRunner, cancel_on_disconnect, new_id
 
+log = logging.getLogger("ponder.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
 
@@ -132,12 +134,14 @@ class OpenAIServing:
                     yield chunk
         except TimeoutError:
             if not started:
-                raise BackendTimeout(f"no answer within the request's deadline of {deadline_s:g}s") from None
-            error = error_body(504, f"deadline of {deadline_s:g}s exceeded mid-stream", type_="backend_error")
+                raise _deadline_error(deadline_s) from None
+            error = error_body(504, f"the request's deadline of {deadline_s:g}s passed mid-stream",
+                               type_="backend_error")
         except BackendError as exc:
             if not started:
                 raise
-            error = error_body(exc.status_code, f"backend stream interrupted: {exc}", type_="backend_error")
+            log.warning("pass-through stream broke off: %s", exc)
+            error = error_body(502, "backend stream interrupted", type_="backend_error")
         yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
     # -- strategies ---------------------------------------------------------------
@@ -323,4 +327,9 @@ async def _by_deadline(work: Awaitable[T], deadline: float, deadline_s: float) -
         async with asyncio.timeout_at(deadline):
             return await work
     except TimeoutError:
-        raise BackendTimeout(f"no answer within the request's deadline of {deadline_s:g}s") from None
+        raise _deadline_error(deadline_s) from None
+
+
+def _deadline_error(deadline_s: float) -> BackendTimeout:
+    message = f"no answer within the request's deadline of {deadline_s:g}s"
+    return BackendTimeout(message, public=message)

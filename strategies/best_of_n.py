@@ -5,6 +5,8 @@ candidate 0-10 with the ``SCORE`` prompt, all ratings at once rather than one af
 another. ``judge_samples`` ratings per candidate travel as one ``n`` request and are
 averaged; an unparseable rating counts as 0. The best mean wins, ties going to the
 earliest sample. A single greedy rating (the default) is cached by content.
+With ``verify``, candidates are checked while they are rated, and ``verification.pick``
+decides: the best-rated among those passing every check, else the best verifier report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pydantic import Field
 
 from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .verification import alongside, pick
 
 
 class BestOfNParams(StrategyParams):
@@ -33,10 +36,12 @@ class BestOfN(Strategy):
         candidates = await ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature))
         ctx.propose(candidates[0])
         distinct = list(dict.fromkeys(c.text for c in candidates))  # identical texts are rated once
-        ratings = dict(zip(distinct, await self._rate(ctx, params, distinct)))
+        rated, reports = await alongside(ctx, [c.text for c in candidates], self._rate(ctx, params, distinct))
+        ratings = dict(zip(distinct, rated))
         parsed = [[prompts.parse_score(reply) for reply in ratings[c.text]] for c in candidates]
         means = [sum(s or 0.0 for s in row) / len(row) for row in parsed]
         best = max(range(len(candidates)), key=means.__getitem__)  # max keeps the first of equals
+        best = pick(ctx, reports, means.__getitem__, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=means[best])
         ctx.trace["candidates"] = [
             {"text": c.text, "scores": [None if s is None else round(s, 4) for s in row], "score": round(m, 4)}

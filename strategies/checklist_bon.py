@@ -7,6 +7,12 @@ item, all N×K judgments at once (each cached by content). A candidate's score i
 the weighted share of YES; the best score wins, ties going to the earliest sample.
 ``refine: true`` (STICK) rewrites the winner using its failed items as feedback,
 re-judges it, and keeps it only if it scores strictly higher.
+
+With ``verify``, candidates are checked while they are judged; ``verification.pick``
+decides (the best checklist score among those passing every check, else the best
+verifier report); STICK also rewrites a winner that fails a check, with the failing
+checks' feedback added, and keeps the rewrite only with a better verifier report (or an
+equal report and a higher checklist score).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pydantic import Field, StringConstraints, model_validator
 from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register
 from .protocol import Choice
+from .verification import Report, alongside, keeps, pick, with_feedback
 
 
 class ChecklistBoNParams(StrategyParams):
@@ -60,9 +67,11 @@ class ChecklistBestOfN(Strategy):
         weights = self._weights(params, checklist)
         ctx.trace["checklist"] = [{"item": item, "weight": w} for item, w in zip(checklist, weights)]
         ctx.emit("checklist", items=checklist)
-        verdicts = await self._judge_all(ctx, [c.text for c in candidates], checklist)
+        verdicts, reports = await alongside(ctx, [c.text for c in candidates],
+                                            self._judge_all(ctx, [c.text for c in candidates], checklist))
         scores = [self._score(row, weights) for row in verdicts]
         best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        best = pick(ctx, reports, scores.__getitem__, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=scores[best])
         ctx.trace["candidates"] = [
             {"text": c.text, "verdicts": row, "score": round(s, 4)} for c, row, s in zip(candidates, verdicts, scores)
@@ -71,8 +80,9 @@ class ChecklistBestOfN(Strategy):
         ctx.trace["chosen"] = best
         ctx.emit("verdicts", scores=[round(s, 4) for s in scores], chosen=best)
         winner: Choice = candidates[best]
-        if params.refine and scores[best] < 1.0:
-            winner = await self._refine(ctx, params, winner, verdicts[best], scores[best], checklist, weights)
+        report = reports[best] if reports else None
+        if params.refine and (scores[best] < 1.0 or (report is not None and not report.passed)):
+            winner = await self._refine(ctx, params, winner, verdicts[best], scores[best], checklist, weights, report)
         return Candidate.of(winner)
 
     async def _checklist(self, ctx: RunContext, params: ChecklistBoNParams) -> list[str]:
@@ -120,17 +130,25 @@ class ChecklistBestOfN(Strategy):
         return sum(w for v, w in zip(row, weights) if v) / sum(weights)
 
     async def _refine(self, ctx: RunContext, params: ChecklistBoNParams, winner: Choice, row: list[bool | None],
-                      score: float, checklist: list[str], weights: list[float]) -> Choice:
+                      score: float, checklist: list[str], weights: list[float], report: Report | None) -> Choice:
+        """STICK: one rewrite from the failed items (and failing verifiers), kept only if
+        better (``verification.keeps``: verifier report first, then the checklist score)."""
         failed = [item for item, verdict in zip(checklist, row) if not verdict]
-        feedback = "The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
-        (rewrite,) = await ctx.sample(ctx.task.refine_request(winner.text, feedback, temperature=params.temperature,
+        feedback = ("The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
+                    if failed else "")
+        (rewrite,) = await ctx.sample(ctx.task.refine_request(winner.text, with_feedback(feedback, report),
+                                                              temperature=params.temperature,
                                                               max_tokens=ctx.task.max_tokens or 512))
-        (new_row,) = await self._judge_all(ctx, [rewrite.text], checklist)
+        (new_row,), new_reports = await alongside(ctx, [rewrite.text],
+                                                  self._judge_all(ctx, [rewrite.text], checklist))
         new_score = self._score(new_row, weights)
-        kept = new_score > score
+        new_report = new_reports[0] if new_reports else None
+        kept = keeps(new_report, report, new_score, score)
         ctx.trace["refine"] = {"text": rewrite.text, "verdicts": new_row, "score": round(new_score, 4), "kept": kept}
+        if new_report is not None:
+            ctx.trace["refine"]["verification"] = new_report.as_trace()
         ctx.emit("refine", score=round(new_score, 4), kept=kept)
         if kept:
-            ctx.propose(rewrite, score=new_score)
+            ctx.propose(rewrite)  # kept only when better
             return rewrite
         return winner

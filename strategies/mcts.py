@@ -38,10 +38,17 @@ expand); in steps mode a branching-1 tree is a chain, which parallelism cannot s
 A backend call that fails for good ends the search, not the run: the best answer so
 far comes back with ``budget_limited``, the error in ``trace["error"]`` and the stop
 reason saying so; with no answer yet, the error is raised.
+
+With ``verify`` (refine mode): a node's reward is its mean verifier score (one per visit,
+no full-score suppression), the failing checks' feedback joins each critique in the
+rewrite prompt, the search stops as soon as an answer passes every check, and the answer
+is the node with the best verifier report (then the highest Q'). Steps mode ignores
+``verify`` for its partial solutions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Sequence
 
@@ -51,6 +58,11 @@ from . import prompts
 from .base import BudgetExhausted, Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
 from .protocol import Choice, GenerationRequest
 from .search import MCTS, MCTSr, Node, RewardNode, tree_trace
+from .verification import Report, with_feedback
+
+
+class _Passed(Exception):
+    """Ends a verified refine search: an answer passes every verifier."""
 
 
 class MCTSParams(StrategyParams):
@@ -112,19 +124,32 @@ class RefineProblem(LLMProblem):
     def is_terminal(self, state: Answer) -> bool:
         return False
 
+    def __init__(self, ctx: RunContext, params: MCTSParams) -> None:
+        super().__init__(ctx, params)
+        self.reports: dict[str, Report] = {}
+        """With ``verify``: each answer text's verifier report."""
+
     async def expand(self, state: Answer) -> list[Answer]:
         task = self.ctx.task
         critique_prompt = prompts.CRITIQUE.format(task=task.conversation, response=state.choice.text)
         critiques = await self.ctx.sample(task.aux_request(critique_prompt, n=self.params.branching,
                                                            temperature=self.params.temperature, max_tokens=256))
-        rewrites = [task.refine_request(state.choice.text, c.text, temperature=self.params.temperature,
+        report = self.reports.get(state.choice.text)
+        rewrites = [task.refine_request(state.choice.text, with_feedback(c.text, report),
+                                        temperature=self.params.temperature,
                                         max_tokens=task.max_tokens or 512)
                     for c in critiques]
         generations = await self.ctx.generate(rewrites)
         return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations)]
 
     async def rewards(self, states: Sequence[Answer]) -> list[list[float]]:
-        return await self.sample_scores(prompts.REWARD, [s.choice.text for s in states])
+        """Self-rewards; with ``verify``, the mean verifier score instead (one reward per visit)."""
+        texts = [s.choice.text for s in states]
+        if not self.ctx.verification:
+            return await self.sample_scores(prompts.REWARD, texts)
+        reports = await self.ctx.verification.check(self.ctx, texts)
+        self.reports.update(zip(texts, reports))
+        return [[report.score] for report in reports]
 
 
 class StepsProblem(LLMProblem):
@@ -219,6 +244,8 @@ class MonteCarloTreeSearch(Strategy):
         answer exists (``ctx.interrupt``)."""
         try:
             await tree.search(root, simulations, after_simulation=track)
+        except _Passed:
+            ctx.trace["stop"] = "an answer passes every verifier"
         except (BudgetExhausted, StrategyError):
             raise
         except Exception as exc:
@@ -230,23 +257,43 @@ class MonteCarloTreeSearch(Strategy):
         problem = RefineProblem(ctx, params)
         (draft,) = await ctx.sample(ctx.task.sample_request(temperature=params.temperature))
         ctx.propose(draft)
+        verified = bool(ctx.verification)
+        # Verifier scores are not self-rewards: no full-score suppression for them.
         tree = MCTSr(problem, exploration=params.exploration, max_depth=params.max_depth,
-                     max_children=params.branching, parallel=params.parallel, on_expand=self._on_expand(ctx))
+                     max_children=params.branching, parallel=params.parallel, on_expand=self._on_expand(ctx),
+                     **({"full_score": math.inf} if verified else {}))
         root = None
 
+        def best(root: RewardNode) -> RewardNode:
+            if not verified:
+                return tree.best(root)
+            # With verify: the best verifier report, then MCTSr's Q' (ties: the earlier node).
+            return max(root.walk(), key=lambda n: (problem.reports[n.state.choice.text].rank, n.value, -n.index))
+
         def track(root: RewardNode) -> None:
-            node = tree.best(root)
-            ctx.propose(node.state.choice, score=node.value)
+            node = best(root)
+            if not verified:
+                ctx.propose(node.state.choice, score=node.value)
+                return
+            report = problem.reports[node.state.choice.text]
+            ctx.propose(node.state.choice, score=(report.rank, node.value))
+            if report.passed:
+                raise _Passed
 
         try:
             (rewards,) = await problem.rewards([Answer(draft)])
             root = tree.new_root(Answer(draft), rewards)
-            await self._search(ctx, tree, root, params.simulations, track)
+            if verified and problem.reports[draft.text].passed:
+                ctx.trace["stop"] = "an answer passes every verifier"
+            else:
+                await self._search(ctx, tree, root, params.simulations, track)
         finally:
             if root is not None:
                 ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.choice.text, "critique": s.critique})
-        chosen = tree.best(root)
+        chosen = best(root)
         ctx.trace["chosen"] = chosen.index
+        if verified:
+            ctx.trace["verification"] = problem.reports[chosen.state.choice.text].as_trace()
         return Candidate.of(chosen.state.choice)
 
     async def _steps(self, ctx: RunContext, params: MCTSParams) -> Candidate:

@@ -1,4 +1,6 @@
-"""``none``: one plain generation, so every strategy and the baseline share one path."""
+"""``none``: one plain generation, so every strategy and the baseline share one path.
+With ``verify``, the answer's verifier report goes to ``trace["verification"]`` (nothing
+else changes: there is nothing to choose from)."""
 
 from __future__ import annotations
 
@@ -21,4 +23,7 @@ class Passthrough(Strategy):
         overrides = {} if params.temperature is None else {"temperature": params.temperature}
         (choice,) = await ctx.sample(ctx.task.sample_request(n=1, default_temperature=0.0, **overrides))
         ctx.trace["samples"] = [choice.text]
+        if ctx.verification:
+            (report,) = await ctx.verification.check(ctx, [choice.text])
+            ctx.trace["verification"] = report.as_trace()
         return Candidate.of(choice)

@@ -15,6 +15,10 @@
   not used there.
 - ``aggregate: llm`` (Universal Self-Consistency, Chen et al., 2023) asks the model which
   sample is most consistent with the others, for free-form answers.
+- With ``verify``, every sample is checked once drawn and ``verification.pick`` decides:
+  the vote among the samples passing every check (the first-drawn passing sample of the
+  winning answer), else the sample with the best verifier report; ``aggregate: llm`` is
+  then not used.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,6 +34,7 @@ from . import prompts
 from .answers import AnswerBuckets, AnswerFormat, extract_answer, needs_math
 from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
 from .protocol import Choice
+from .verification import Report, pick
 
 
 class SelfConsistencyParams(StrategyParams):
@@ -141,6 +146,11 @@ class SelfConsistency(Strategy):
                     stop_reason = why
                     break
         ctx.trace.update({"votes": tally.table(), "samples_used": len(samples), "stop": stop_reason})
+        if ctx.verification:
+            reports = await ctx.verification.check(ctx, [s.text for s in samples])
+            chosen = pick(ctx, reports, self._vote_among_passing(ctx.trace["samples"], reports),
+                          self._winner_index(samples, tally))
+            return Candidate.of(samples[chosen])
         if params.aggregate == "llm" and len(samples) > 1:
             return await self._select_consistent(ctx, samples)
         return self._winner(samples, tally)
@@ -154,15 +164,29 @@ class SelfConsistency(Strategy):
         generations = await ctx.generate(requests)
         return [choice for generation in generations for choice in generation.choices]
 
+    @classmethod
+    def _winner(cls, samples: list[Choice], tally: Tally) -> Candidate:
+        return Candidate.of(samples[cls._winner_index(samples, tally)])
+
     @staticmethod
-    def _winner(samples: list[Choice], tally: Tally) -> Candidate:
+    def _winner_index(samples: list[Choice], tally: Tally) -> int:
         ranked = tally.ranked()
         if not ranked:
-            return Candidate.of(samples[0])
+            return 0
         members = ranked[0]["samples"]
         # Representative: the most confident sample among the winners (first on ties).
-        best = max(members, key=lambda i: samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0)
-        return Candidate.of(samples[best])
+        return max(members, key=lambda i: samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0)
+
+    @staticmethod
+    def _vote_among_passing(rows: list[dict], reports: list[Report]) -> Callable[[int], float]:
+        """The vote with verifiers: a sample's answer weighs the votes of the samples that pass
+        every check (all samples if none does)."""
+        pool = [i for i, r in enumerate(reports) if r.passed] or range(len(reports))
+        weights: dict[str, float] = {}
+        for i in pool:
+            if rows[i]["answer"] is not None:
+                weights[rows[i]["answer"]] = weights.get(rows[i]["answer"], 0.0) + rows[i]["weight"]
+        return lambda i: weights.get(rows[i]["answer"], 0.0)
 
     async def _select_consistent(self, ctx: RunContext, samples: list[Choice]) -> Candidate:
         texts = [s.text for s in samples]

@@ -7,6 +7,12 @@ version seen: a later version replaces an earlier one only with a strictly highe
 score, because self-correction without outside signal often makes answers worse
 (Huang et al., 2023). ``chains`` runs independent chains concurrently, their drafts
 drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by content.
+
+With ``verify`` (``strategies.verification``), every version is also checked, alongside its
+feedback; the failing checks' feedback joins the self-critique in the rewrite prompt; a
+chain stops as soon as a version passes every check (DONE and ``stop_score`` no longer stop
+it while a check fails); a version replaces the kept one only with a strictly better
+verifier report, or an equal report and a higher self-score.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pydantic import Field
 from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register
 from .protocol import Choice
+from .verification import Report, alongside, keeps, with_feedback
 
 
 class SelfRefineParams(StrategyParams):
@@ -35,11 +42,17 @@ class Version:
         self.choice = choice
         self.round = round_
         self.feedback: prompts.Feedback | None = None
+        self.report: Report | None = None
+        """Its verifier report, when the request has ``verify``."""
 
     @property
     def score(self) -> float:
         score = self.feedback.score if self.feedback else None
         return -1.0 if score is None else score
+
+    def beats(self, other: "Version") -> bool:
+        """Strictly better: verifier report first (``verification.keeps``), then the self-score."""
+        return keeps(self.report, other.report, self.score, other.score)
 
     def as_trace(self) -> dict:
         fb = self.feedback
@@ -49,6 +62,7 @@ class Version:
             "score": None if fb is None or fb.score is None else round(fb.score * 10, 2),
             "issues": fb.issues if fb else [],
             "done": fb.done if fb else False,
+            **({"verification": self.report.as_trace()} if self.report is not None else {}),
         }
 
 
@@ -63,7 +77,10 @@ class SelfRefine(Strategy):
         ctx.propose(drafts[0])
         ctx.trace["chains"] = [[] for _ in drafts]
         bests = await gather_or_cancel(*(self._chain(ctx, params, i, d) for i, d in enumerate(drafts)))
-        best = max(bests, key=lambda v: v.score)  # first chain wins ties
+        best = bests[0]
+        for version in bests[1:]:  # first chain wins ties
+            if version.beats(best):
+                best = version
         ctx.trace["best"] = {"chain": bests.index(best), "round": best.round, "score": best.as_trace()["score"]}
         return Candidate.of(best.choice)
 
@@ -72,13 +89,19 @@ class SelfRefine(Strategy):
         current = best = Version(draft, 0)
         stop_at = params.stop_score / 10
         for round_ in range(params.max_rounds + 1):
-            current.feedback = await self._feedback(ctx, params, current.choice.text)
+            current.feedback, reports = await alongside(ctx, [current.choice.text],
+                                                        self._feedback(ctx, params, current.choice.text))
+            current.report = reports[0] if reports else None
             history.append(current.as_trace())
             ctx.emit("critique", chain=chain, **history[-1])
-            if current.score > best.score:
+            if current.beats(best):
                 best = current
-            ctx.propose(best.choice, score=best.score)
-            if current.feedback.done or current.score >= stop_at:
+            ctx.propose(best.choice, score=(best.report.rank, best.score) if best.report else best.score)
+            if current.report is not None:  # the outside signal decides when to stop
+                if current.report.passed:
+                    history[-1]["stop"] = "passes every verifier"
+                    break
+            elif current.feedback.done or current.score >= stop_at:
                 history[-1]["stop"] = "done" if current.feedback.done else "score threshold"
                 break
             if round_ == params.max_rounds:
@@ -109,7 +132,8 @@ class SelfRefine(Strategy):
     async def _refine(self, ctx: RunContext, params: SelfRefineParams, version: Version) -> Choice:
         feedback = version.feedback
         issues = "\n".join(f"- {issue}" for issue in feedback.issues) or feedback.text
-        request = ctx.task.refine_request(version.choice.text, issues, temperature=params.temperature,
+        request = ctx.task.refine_request(version.choice.text, with_feedback(issues, version.report),
+                                          temperature=params.temperature,
                                           max_tokens=ctx.task.max_tokens or 512)
         (choice,) = await ctx.sample(request)
         return choice

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal, Protocol, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -33,6 +33,8 @@ from .base import StrategyError, cache_key, gather_or_cancel
 
 if TYPE_CHECKING:
     from .base import RunContext
+
+T = TypeVar("T")
 
 MAX_VERIFIERS = 8
 """Checks per request (each multiplies the work per candidate)."""
@@ -295,6 +297,36 @@ def choose(reports: Sequence[Report], own_key: Callable[[int], Any] = lambda i: 
     if passing:
         return max(passing, key=lambda i: (own_key(i), -i))
     return max(indices, key=lambda i: (reports[i].rank, own_key(i), -i))
+
+
+async def alongside(ctx: "RunContext", texts: Sequence[str], work: Awaitable[T]) -> tuple[T, list[Report] | None]:
+    """``work``'s result and, when the run has verifiers, the reports for ``texts``, computed
+    concurrently (verification overlaps the strategy's own judging). Reports are None without
+    verifiers."""
+    if not ctx.verification:
+        return await work, None
+    result, reports = await gather_or_cancel(work, ctx.verification.check(ctx, texts))
+    return result, reports
+
+
+def pick(ctx: "RunContext", reports: Sequence[Report] | None, own_key: Callable[[int], Any], own_choice: int) -> int:
+    """A selection strategy's final index: ``own_choice`` without verifiers, else ``choose``
+    with the strategy's rule as ``own_key``; records ``trace["verification"]``."""
+    if reports is None:
+        return own_choice
+    chosen = choose(reports, own_key)
+    ctx.trace["verification"] = {"reports": [r.as_trace() for r in reports], "chosen": chosen,
+                                 "passed": reports[chosen].passed, "overrode": chosen != own_choice}
+    return chosen
+
+
+def keeps(new: Report | None, old: Report | None, new_own: float, old_own: float) -> bool:
+    """Refinement: whether a new version replaces the kept one. With verifiers, only with a
+    strictly better report, or an equal report and a strictly better own score; without,
+    only with a strictly better own score."""
+    if new is not None and old is not None and new.rank != old.rank:
+        return new.rank > old.rank
+    return new_own > old_own
 
 
 def with_feedback(self_feedback: str, report: Report | None) -> str:

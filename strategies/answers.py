@@ -74,7 +74,8 @@ _GROUPING_RE = re.compile(r"(?<=\d)(?:\{,\}|\\[,!; ]|[\u2009\u202f\u00a0']|\\tex
 _FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
 _NUM_FRAC_RE = re.compile(rf"(-?)\\frac\{{\s*({_NUM})\s*\}}\{{\s*({_NUM})\s*\}}")
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_DROP_RE = re.compile(r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![A-Za-z])|\^\s*\{?\\circ\}?|°|\\?\$|\\?%")
+_DROP_RE = re.compile(r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![A-Za-z])|\^\s*\{?\\circ\}?|°|\\?\$|\\?%"
+                      r"|\\[()\[\]]")  # \( \) \[ \] math delimiters
 _SPACING_RE = re.compile(r"\\[,!;: ]|\\q?quad(?![A-Za-z])|~")
 
 
@@ -162,7 +163,7 @@ def _span_answer(span: str, *, whole: bool) -> str | None:
     plain = _PLAIN_RE.fullmatch(s)
     if plain:
         return _number_text(plain.group(1), plain.group(2))
-    if whole and (_MATH_CHARS_RE.search(s) or re.search(r"\d[A-Za-z]|[A-Za-z]\d", s)):
+    if (whole and (_MATH_CHARS_RE.search(s) or re.search(r"\d[A-Za-z]|[A-Za-z]\d", s))) or "\\" in s:
         return s.replace(" ", "")  # 2\pi, x^2+1, 2x: the expression, not a number inside it
     number = _NUMBER_RE.search(s)
     if number:
@@ -185,7 +186,7 @@ def _numeric(text: str) -> str | None:
     said = _ANSWER_IS_RE.findall(text)
     if said:
         answer = _span_answer(_first_sentence(said[-1]), whole=False)
-        if answer is not None and normalize_number(answer) is not None:
+        if answer is not None and (normalize_number(answer) is not None or needs_math(answer)):
             return answer
     return _last_number(text)
 

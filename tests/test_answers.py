@@ -367,3 +367,14 @@ def test_parse_checklist_drops_the_line_cut_off_by_max_tokens() -> None:
     ]
     assert len(prompts.parse_checklist(reply, 8)) == 3  # a complete reply keeps its last item
     assert len(prompts.parse_checklist(reply + "?\n", 8, truncated=True)) == 3  # cut after a full line
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"The answer is $\sqrt{2}$.", r"\sqrt{2}"),                 # not the 2 inside it
+    (r"The answer is $\frac{\sqrt{3}}{2}$.", r"\frac{\sqrt{3}}{2}"),
+    (r"The answer is \(x = 5\) because it fits.", "5"),          # \( \) delimiters, right-hand side
+    (r"The answer is \(\frac{1}{2}\).", "1/2"),
+    ("The answer is below.\n42", "42"),                           # no number said: the last number
+])
+def test_answer_is_sentences_with_math(text: str, expected: str) -> None:
+    assert extract_answer(text, "numeric") == expected

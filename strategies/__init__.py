@@ -18,7 +18,7 @@ from .base import (
 from .protocol import Cache, Choice, Generation, GenerationRequest, Generator, Usage
 
 # Registration: importing a strategy module registers it.
-from . import passthrough, self_consistency, self_refine, mcts, checklist_bon, best_of_n, verified_bon  # noqa: E402,F401
+from . import passthrough, self_consistency, self_refine, mcts, checklist_bon, best_of_n, verified_bon, auto  # noqa: E402,F401
 
 __all__ = [
     "Budget", "Cache", "Choice", "Generation", "GenerationRequest", "Generator", "Limits",

@@ -148,8 +148,8 @@ class SelfConsistency(Strategy):
         ctx.trace.update({"votes": tally.table(), "samples_used": len(samples), "stop": stop_reason})
         if ctx.verification:
             reports = await ctx.verification.check(ctx, [s.text for s in samples])
-            chosen = pick(ctx, reports, self._vote_among_passing(ctx.trace["samples"], reports),
-                          self._winner_index(samples, tally))
+            chosen = pick(ctx, reports, self.vote_among_passing(ctx.trace["samples"], reports),
+                          self.winner_index(samples, tally))
             return Candidate.of(samples[chosen])
         if params.aggregate == "llm" and len(samples) > 1:
             return await self._select_consistent(ctx, samples)
@@ -166,10 +166,10 @@ class SelfConsistency(Strategy):
 
     @classmethod
     def _winner(cls, samples: list[Choice], tally: Tally) -> Candidate:
-        return Candidate.of(samples[cls._winner_index(samples, tally)])
+        return Candidate.of(samples[cls.winner_index(samples, tally)])
 
     @staticmethod
-    def _winner_index(samples: list[Choice], tally: Tally) -> int:
+    def winner_index(samples: list[Choice], tally: Tally) -> int:
         ranked = tally.ranked()
         if not ranked:
             return 0
@@ -178,7 +178,7 @@ class SelfConsistency(Strategy):
         return max(members, key=lambda i: samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0)
 
     @staticmethod
-    def _vote_among_passing(rows: list[dict], reports: list[Report]) -> Callable[[int], float]:
+    def vote_among_passing(rows: list[dict], reports: list[Report]) -> Callable[[int], float]:
         """The vote with verifiers: a sample's answer weighs the votes of the samples that pass
         every check (all samples if none does)."""
         pool = [i for i, r in enumerate(reports) if r.passed] or range(len(reports))

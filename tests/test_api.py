@@ -85,7 +85,7 @@ def test_unknown_run_is_404(http):
 def test_strategies_listing_has_schemas(http):
     listing = http.get("/v1/strategies").json()["data"]
     names = {s["name"] for s in listing}
-    assert names == {"none", "self-consistency", "self-refine", "mcts", "checklist-bon", "best-of-n", "verified-bon"}
+    assert names == {"none", "self-consistency", "self-refine", "mcts", "checklist-bon", "best-of-n", "verified-bon", "auto"}
     sc = next(s for s in listing if s["name"] == "self-consistency")
     assert sc["params_schema"]["properties"]["k"]["default"] == 8
 

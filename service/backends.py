@@ -438,7 +438,10 @@ class HTTPBackend:
 
     # -- the generation protocol -------------------------------------------------
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       return_exceptions: bool = False) -> list[Generation | BaseException]:
+        if return_exceptions:
+            return await asyncio.gather(*(self._generate_one(r) for r in requests), return_exceptions=True)
         if len(requests) == 1:  # the common case: no task to spawn
             return [await self._generate_one(requests[0])]
         return await gather_or_cancel(*(self._generate_one(r) for r in requests))

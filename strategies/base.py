@@ -4,6 +4,14 @@ A strategy is a class with a typed ``Params`` model and an async ``run``. The ru
 context meters every backend call (usage, budget), routes cacheable work through
 the cache, emits progress events and remembers the best answer so far, so a run
 stopped by its budget or deadline still answers.
+
+Failed calls: a backend call that fails for good (after the backend's own retries)
+need not end the run. Work issued with ``allow_partial=True`` comes back as ``None``
+for each failed request, the error is listed in ``trace["failed_calls"]``, and the
+strategy carries on without that sample or judgment, counting what is missing.
+A strategy answers while it still has a candidate and the evidence its algorithm
+chooses by; when failures leave it neither, it raises ``ctx.first_failure()``, so the
+caller sees the backend's own error (502/503/504) rather than a made-up answer.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -25,6 +34,8 @@ from .protocol import Cache, Choice, Generation, GenerationRequest, Generator, U
 
 if TYPE_CHECKING:
     from .verification import Verification
+
+log = logging.getLogger("ponder.strategy")
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -319,11 +330,14 @@ class BudgetLedger:
             fitted = [r if r.max_tokens <= per_sample else replace(r, max_tokens=per_sample) for r in fitted]
         return fitted, True, prompt + sum(r.n * r.max_tokens for r in fitted)
 
-    def settle(self, reservation: Reservation, generations: Sequence[Generation] | None) -> None:
-        """Replace the booking with the true spend (``None``: the batch failed or was
-        cancelled; its spend is unknown to us and the booking is released)."""
+    def settle(self, reservation: Reservation, generations: Sequence[Generation | None] | None) -> None:
+        """Replace the booking with the true spend (``None``: the batch, or that one
+        request, failed or was cancelled; its spend is unknown to us and its booking is
+        released)."""
         self.tokens_reserved -= reservation.tokens
         for request, generation in zip(reservation.requests, generations or ()):
+            if generation is None:
+                continue
             self.tokens_spent += generation.prompt_tokens + generation.completion_tokens
             size, overhead = _prompt_bytes(request)
             if size and generation.prompt_tokens > overhead:
@@ -366,6 +380,21 @@ def cache_key(*parts: Any) -> str:
     """Stable content hash of everything that determines a cached value."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _sampling_settings(request: GenerationRequest) -> tuple[Any, ...]:
+    """Everything but the prompt text that shapes a request's reply: part of every cache key."""
+    return (request.is_chat, request.model, request.n, request.temperature, request.top_p, request.max_tokens,
+            request.stop, request.seed, request.logprobs, request.extra)
+
+
+class _Uncacheable(Exception):
+    """A computed value this run may use but the cache must not keep: the reply was cut
+    at max_tokens, or the budget shrank the request (its max_tokens clamped)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("value cut short: not cached")
+        self.value = value
 
 
 @dataclass
@@ -433,6 +462,8 @@ class RunContext:
         self.trace: dict[str, Any] = {}
         self.use_cache = use_cache and cache is not None
         self.model_id = model_id or task.model or ""
+        self.failures: list[Exception] = []
+        """Backend calls that failed for good and that the run carried on without."""
         self._on_event = on_event
         self._seed_offsets: dict[str, int] = {}
         self.verification = verification
@@ -480,47 +511,120 @@ class RunContext:
             seeded.append(replace(request, seed=(request.seed + offset) % _SEED_RANGE))
         return seeded
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       allow_partial: bool = False) -> list[Generation | None]:
         """Issue independent requests concurrently, as one batch, paid from the budget
-        (``BudgetLedger.reserve``: the batch may come back with fewer or shorter samples)."""
+        (``BudgetLedger.reserve``: the batch may come back with fewer or shorter samples);
+        one generation per request.
+
+        ``allow_partial``: a request that fails for good comes back as ``None`` and is
+        recorded (``trace["failed_calls"]``) instead of failing the batch. Without it
+        (the default) every item is a ``Generation`` and the first failure raises.
+        Budget stops and cancellation always raise.
+        """
+        _, generations = await self._issue(requests, allow_partial)
+        return generations
+
+    async def _issue(self, requests: Sequence[GenerationRequest],
+                     allow_partial: bool) -> tuple[list[GenerationRequest], list[Generation | None]]:
+        """``generate``, also returning the requests as sent (fitted to the budget)."""
         if not requests:
-            return []
+            return [], []
         reservation = self.ledger.reserve(self._distinct_seeds(requests))
         self.budget_bound = self.budget_bound or reservation.shrunk
         self.usage.backend_calls += len(reservation.requests)
-        generations = None
+        generations: list[Generation | None] | None = None
         try:
-            generations = await self.generator.generate(reservation.requests)
+            if allow_partial:
+                outcomes = await self.generator.generate(reservation.requests, return_exceptions=True)
+            else:
+                outcomes = await self.generator.generate(reservation.requests)
+            generations = [None if isinstance(o, BaseException) else o for o in outcomes]
         finally:
             self.ledger.settle(reservation, generations)
-        for generation in generations:
+        for outcome, generation in zip(outcomes, generations):
+            if generation is None:
+                if not _is_call_failure(outcome):
+                    raise outcome
+                self._record_failure(outcome)
+                continue
             self.usage.prompt_tokens += generation.prompt_tokens
             self.usage.completion_tokens += generation.completion_tokens
             self.usage.samples += len(generation.choices)
-        return generations
+        return reservation.requests, generations
 
-    async def sample(self, request: GenerationRequest) -> list[Choice]:
-        (generation,) = await self.generate([request])
-        return list(generation.choices)
+    def _record_failure(self, exc: Exception) -> None:
+        """The trace names the error's kind and status only: its message may hold the
+        backend's address, which is for the log, not for the caller."""
+        log.warning("backend call failed for good; the run carries on without it: %s", exc)
+        self.failures.append(exc)
+        entry = {"error": type(exc).__name__, "status": getattr(exc, "status_code", None)}
+        self.trace.setdefault("failed_calls", []).append(entry)
+        self.emit("call_failed", **entry)
+
+    def first_failure(self) -> Exception:
+        """The error to raise when failed calls left the run nothing to answer with:
+        the first failure itself, so its status (502/503/504, upstream 4xx) reaches the caller."""
+        if not self.failures:
+            raise RuntimeError("first_failure() called but no backend call has failed")
+        return self.failures[0]
+
+    async def sample(self, request: GenerationRequest, *, allow_partial: bool = False) -> list[Choice] | None:
+        """The choices of one request (``None`` if it failed, with ``allow_partial``)."""
+        (generation,) = await self.generate([request], allow_partial=allow_partial)
+        return None if generation is None else list(generation.choices)
+
+    async def cached_text(self, kind: str, key: str, request: GenerationRequest, *, whole: bool,
+                          parse: Callable[[Choice], Any] | None = None, allow_partial: bool = False) -> Any:
+        """The first choice's text (or ``parse(choice)``) of a deterministic request, cached.
+
+        The stored key is ``key`` (the content: model, prompt version, texts) plus every
+        sampling setting of ``request`` (mode, max_tokens, temperature, stop, ...), so no
+        value is served to a request that would have produced another. A value is
+        returned but never stored when the budget shrank the request (max_tokens
+        clamped), or, with ``whole`` (the whole text is used: checklists, critiques), when the
+        reply was cut at max_tokens (``finish_reason == "length"``); judgments read from
+        the first words of a short reply pass ``whole=False``. ``allow_partial``: a
+        failed call gives ``None`` (recorded) instead of raising.
+        """
+
+        async def compute() -> Any:
+            (sent,), (generation,) = await self._issue([request], False)
+            choice = generation.choices[0]
+            value = choice.text if parse is None else parse(choice)
+            shrunk = (sent.n, sent.max_tokens) != (request.n, request.max_tokens)  # by the budget
+            if shrunk or (whole and choice.finish_reason == "length"):
+                raise _Uncacheable(value)
+            return value
+
+        try:
+            return await self._cached(kind, cache_key(key, _sampling_settings(request)), compute)
+        except Exception as exc:
+            if not allow_partial or not _is_call_failure(exc):
+                raise
+            self._record_failure(exc)
+            return None
 
     async def cached_texts(self, kind: str, requests: Sequence[GenerationRequest],
-                           keys: Callable[[], Sequence[str]]) -> list[str]:
-        """The first choice's text of each deterministic request, each cached under its
-        key and all issued at once; without a cache, one batch and no keys to hash."""
+                           keys: Callable[[], Sequence[str]], *, whole: bool,
+                           allow_partial: bool = False) -> list[str | None]:
+        """``cached_text`` for many requests, all issued at once; without a cache, one
+        batch and no keys to hash. ``None`` marks a failed call (with ``allow_partial``)."""
         if not self.use_cache:
-            return [g.choices[0].text for g in await self.generate(requests)]
-
-        async def text(request: GenerationRequest) -> str:
-            return (await self.sample(request))[0].text
-
+            generations = await self.generate(requests, allow_partial=allow_partial)
+            return [None if g is None else g.choices[0].text for g in generations]
         return await gather_or_cancel(*(
-            self.cached(kind, key, lambda r=request: text(r)) for key, request in zip(keys(), requests)
+            self.cached_text(kind, key, request, whole=whole, allow_partial=allow_partial)
+            for key, request in zip(keys(), requests)
         ))
 
-    async def cached(self, kind: str, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+    async def _cached(self, kind: str, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
         """Reuse a cached value for deterministic work (temperature 0, same inputs)."""
         if not self.use_cache:
-            return await compute()
+            try:
+                return await compute()
+            except _Uncacheable as cut:
+                return cut.value
         ran = False
 
         async def ours() -> Any:
@@ -532,9 +636,14 @@ class RunContext:
             try:
                 value, hit = await self.cache.get_or_compute(kind, key, ours)
                 break
-            except BudgetExhausted:
-                # A concurrent identical run led the shared computation and ran out of
-                # *its* budget: not this run's to inherit. Ask again (join or lead anew).
+            except _Uncacheable as cut:
+                if ran:
+                    value, hit = cut.value, False
+                    break
+            except Exception:
+                # A concurrent identical run led the shared computation and it failed, ran
+                # out of *its* budget or was cut short by it: not this run's to inherit.
+                # Ask again (join or lead anew).
                 if ran:
                     raise
         if hit:
@@ -542,6 +651,12 @@ class RunContext:
         else:
             self.usage.cache_misses += 1
         return value
+
+
+def _is_call_failure(exc: BaseException) -> bool:
+    """A backend call that failed for good (the generator already retried what it retries):
+    any error but a budget stop, a bad request to the strategy or cancellation."""
+    return isinstance(exc, Exception) and not isinstance(exc, (BudgetExhausted, StrategyError, _Uncacheable))
 
 
 class Strategy(ABC):
@@ -645,6 +760,8 @@ async def run_strategy(
     limited = limited or ctx.budget_bound
     if limited and stop_reason == "completed":
         stop_reason = "completed within a budget that shrank some batches"
+    if ctx.failures and stop_reason.startswith("completed"):
+        stop_reason += f", without {len(ctx.failures)} failed backend call(s)"
     empty = final is None
     if empty:
         final = Candidate("", None, "length")

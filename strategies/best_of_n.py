@@ -7,6 +7,9 @@ averaged; an unparseable rating counts as 0. The best mean wins, ties going to t
 earliest sample. A single greedy rating (the default) is cached by content.
 With ``verify``, candidates are checked while they are rated, and ``verification.pick``
 decides: the best-rated among those passing every check, else the best verifier report.
+
+A rating call that fails for good drops its candidate (``score: null``,
+``trace["unrated"]`` counts them); with no candidate rated, the failure surfaces.
 """
 
 from __future__ import annotations
@@ -36,25 +39,34 @@ class BestOfN(Strategy):
         candidates = await ctx.sample(ctx.task.sample_request(n=params.n, temperature=params.temperature))
         ctx.propose(candidates[0])
         distinct = list(dict.fromkeys(c.text for c in candidates))  # identical texts are rated once
-        rated, reports = await alongside(ctx, [c.text for c in candidates], self._rate(ctx, params, distinct))
-        ratings = dict(zip(distinct, rated))
-        parsed = [[prompts.parse_score(reply) for reply in ratings[c.text]] for c in candidates]
-        means = [sum(s or 0.0 for s in row) / len(row) for row in parsed]
-        best = max(range(len(candidates)), key=means.__getitem__)  # max keeps the first of equals
-        best = pick(ctx, reports, means.__getitem__, best)  # with verify: passing candidates first
+        rated_replies, reports = await alongside(ctx, [c.text for c in candidates], self._rate(ctx, params, distinct))
+        ratings = dict(zip(distinct, rated_replies))
+        # A candidate whose rating call failed has no row: it is left out, not scored 0.
+        parsed = [None if ratings[c.text] is None else [prompts.parse_score(reply) for reply in ratings[c.text]]
+                  for c in candidates]
+        means = [None if row is None else sum(s or 0.0 for s in row) / len(row) for row in parsed]
+        rated = [i for i, m in enumerate(means) if m is not None]
+        if not rated and reports is None:
+            raise ctx.first_failure()
+        own = [-1.0 if m is None else m for m in means]  # an unrated candidate ranks below every rated one
+        best = max(rated or range(len(candidates)), key=own.__getitem__)  # max keeps the first of equals
+        best = pick(ctx, reports, own.__getitem__, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=means[best])
         ctx.trace["candidates"] = [
-            {"text": c.text, "scores": [None if s is None else round(s, 4) for s in row], "score": round(m, 4)}
+            {"text": c.text, "scores": None if row is None else [None if s is None else round(s, 4) for s in row],
+             "score": None if m is None else round(m, 4)}
             for c, row, m in zip(candidates, parsed, means)
         ]
-        ctx.trace["unparsed"] = sum(s is None for row in parsed for s in row)
+        ctx.trace["unparsed"] = sum(s is None for row in parsed if row is not None for s in row)
+        ctx.trace["unrated"] = len(candidates) - len(rated)
         ctx.trace["chosen"] = best
-        ctx.emit("verdicts", scores=[round(m, 4) for m in means], chosen=best)
+        ctx.emit("verdicts", scores=[None if m is None else round(m, 4) for m in means], chosen=best)
         return Candidate.of(candidates[best])
 
-    async def _rate(self, ctx: RunContext, params: BestOfNParams, texts: list[str]) -> list[list[str]]:
-        """Each text's rating replies, all issued at once: one batch, or, for cacheable
-        greedy ratings, concurrent cached lookups that rate only the misses."""
+    async def _rate(self, ctx: RunContext, params: BestOfNParams, texts: list[str]) -> list[list[str] | None]:
+        """Each text's rating replies (``None`` where the call failed), all issued at once:
+        one batch, or, for cacheable greedy ratings, concurrent cached lookups that rate
+        only the misses."""
         greedy = params.judge_samples == 1
         requests = [
             ctx.task.aux_request(prompts.SCORE.format(task=ctx.task.conversation, response=text),
@@ -63,7 +75,9 @@ class BestOfN(Strategy):
             for text in texts
         ]
         if not greedy:  # sampled ratings are never cached
-            return [[c.text for c in g.choices] for g in await ctx.generate(requests)]
+            generations = await ctx.generate(requests, allow_partial=True)
+            return [None if g is None else [c.text for c in g.choices] for g in generations]
         replies = await ctx.cached_texts("judgment", requests, lambda: [
-            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.identity, text) for text in texts])
-        return [[reply] for reply in replies]
+            cache_key(ctx.model_id, prompts.PROMPT_VERSION, "rate", ctx.task.identity, text) for text in texts],
+            whole=False, allow_partial=True)
+        return [None if reply is None else [reply] for reply in replies]

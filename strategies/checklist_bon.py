@@ -13,6 +13,13 @@ decides (the best checklist score among those passing every check, else the best
 verifier report); STICK also rewrites a winner that fails a check, with the failing
 checks' feedback added, and keeps the rewrite only with a better verifier report (or an
 equal report and a higher checklist score).
+
+Failed calls: a checklist that cannot be written falls back to the one-item
+checklist used for an unparseable one; a judgment whose call failed is a missing
+verdict (``"missing"`` in the trace, counted in ``missing``), left out of that
+candidate's score rather than counted as NO; a candidate with no verdict at all is
+not chosen; a failed rewrite keeps the winner. With no candidate judged, the
+failure surfaces.
 """
 
 from __future__ import annotations
@@ -25,6 +32,14 @@ from . import prompts
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register
 from .protocol import Choice
 from .verification import Report, alongside, keeps, pick, with_feedback
+
+MISSING = "missing"
+"""A verdict whose judgment call failed (as opposed to None: a reply that said neither YES nor NO)."""
+Verdict = bool | None | str
+
+
+def _rounded(score: float | None) -> float | None:
+    return None if score is None else round(score, 4)
 
 
 class ChecklistBoNParams(StrategyParams):
@@ -70,35 +85,39 @@ class ChecklistBestOfN(Strategy):
         verdicts, reports = await alongside(ctx, [c.text for c in candidates],
                                             self._judge_all(ctx, [c.text for c in candidates], checklist))
         scores = [self._score(row, weights) for row in verdicts]
-        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
-        best = pick(ctx, reports, scores.__getitem__, best)  # with verify: passing candidates first
+        judged = [i for i, score in enumerate(scores) if score is not None]
+        if not judged and reports is None:
+            raise ctx.first_failure()
+        own = [-1.0 if s is None else s for s in scores]  # a candidate with no verdict ranks below every judged one
+        best = max(judged or range(len(candidates)), key=lambda i: (own[i], -i))
+        best = pick(ctx, reports, own.__getitem__, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=scores[best])
         ctx.trace["candidates"] = [
-            {"text": c.text, "verdicts": row, "score": round(s, 4)} for c, row, s in zip(candidates, verdicts, scores)
+            {"text": c.text, "verdicts": row, "score": _rounded(s), "missing": row.count(MISSING)}
+            for c, row, s in zip(candidates, verdicts, scores)
         ]
         ctx.trace["unparsed"] = sum(v is None for row in verdicts for v in row)  # judge replies neither YES nor NO
+        ctx.trace["missing_verdicts"] = sum(row.count(MISSING) for row in verdicts)
         ctx.trace["chosen"] = best
-        ctx.emit("verdicts", scores=[round(s, 4) for s in scores], chosen=best)
+        ctx.emit("verdicts", scores=[_rounded(s) for s in scores], chosen=best)
         winner: Choice = candidates[best]
         report = reports[best] if reports else None
-        if params.refine and (scores[best] < 1.0 or (report is not None and not report.passed)):
-            winner = await self._refine(ctx, params, winner, verdicts[best], scores[best], checklist, weights, report)
+        if params.refine and (own[best] < 1.0 or (report is not None and not report.passed)):
+            winner = await self._refine(ctx, params, winner, verdicts[best], own[best], checklist, weights, report)
         return Candidate.of(winner)
 
     async def _checklist(self, ctx: RunContext, params: ChecklistBoNParams) -> list[str]:
         if params.checklist is not None:
             return [item.strip() for item in params.checklist if item.strip()][: params.max_items]
         prompt = prompts.CHECKLIST.format(task=ctx.task.conversation, max_items=params.max_items)
-
-        async def write() -> list[str]:
-            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0,
-                                                              max_tokens=params.checklist_max_tokens))
-            return prompts.parse_checklist(choice.text, params.max_items, truncated=choice.finish_reason == "length")
-
-        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.identity, params.max_items,
-                        params.checklist_max_tokens)
-        items = await ctx.cached("checklist", key, write)
-        # A model that writes no parseable checklist still gets judged on the instruction itself.
+        request = ctx.task.aux_request(prompt, temperature=0.0, max_tokens=params.checklist_max_tokens)
+        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "checklist", ctx.task.identity, params.max_items)
+        # A checklist cut short (by its max_tokens or a clamped budget) is used but never cached.
+        items = await ctx.cached_text("checklist", key, request, whole=True, allow_partial=True,
+                                      parse=lambda choice: prompts.parse_checklist(
+                                          choice.text, params.max_items, truncated=choice.finish_reason == "length"))
+        # A model that writes no parseable checklist (or whose call failed) still gets
+        # judged on the instruction itself.
         return items or [f"Does the response fully follow the instruction: {ctx.task.instruction[:300]}?"]
 
     @staticmethod
@@ -112,42 +131,54 @@ class ChecklistBestOfN(Strategy):
             )
         return list(params.item_weights)
 
-    async def _judge_all(self, ctx: RunContext, texts: list[str], checklist: list[str]) -> list[list[bool | None]]:
-        """All candidate × item verdicts, cached ones reused, the rest issued at once."""
+    async def _judge_all(self, ctx: RunContext, texts: list[str], checklist: list[str]) -> list[list[Verdict]]:
+        """All candidate × item verdicts, cached ones reused, the rest issued at once;
+        ``MISSING`` where the judgment call failed."""
         pairs = [(t, item) for t in texts for item in checklist]
         requests = [ctx.task.aux_request(prompts.JUDGE_ITEM.format(task=ctx.task.conversation, response=text, item=item),
                                          temperature=0.0, max_tokens=3) for text, item in pairs]
         replies = await ctx.cached_texts("judgment", requests, lambda: [
             cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.identity, item, text)
-            for text, item in pairs])
-        verdicts = [prompts.parse_yes_no(r) for r in replies]
+            for text, item in pairs], whole=False, allow_partial=True)
+        verdicts = [MISSING if r is None else prompts.parse_yes_no(r) for r in replies]
         width = len(checklist)
         return [verdicts[i * width:(i + 1) * width] for i in range(len(texts))]
 
     @staticmethod
-    def _score(row: list[bool | None], weights: list[float]) -> float:
-        """Weighted share of YES; an unparseable verdict counts as NO."""
-        return sum(w for v, w in zip(row, weights) if v) / sum(weights)
+    def _score(row: list[Verdict], weights: list[float]) -> float | None:
+        """Weighted share of YES among the verdicts given; an unparseable verdict counts
+        as NO, a missing one (failed call) is left out. None when every verdict is missing."""
+        given = [(v, w) for v, w in zip(row, weights) if v != MISSING]
+        total = sum(w for _, w in given)
+        if not given or total == 0:
+            return None
+        return sum(w for v, w in given if v is True) / total
 
-    async def _refine(self, ctx: RunContext, params: ChecklistBoNParams, winner: Choice, row: list[bool | None],
+    async def _refine(self, ctx: RunContext, params: ChecklistBoNParams, winner: Choice, row: list[Verdict],
                       score: float, checklist: list[str], weights: list[float], report: Report | None) -> Choice:
         """STICK: one rewrite from the failed items (and failing verifiers), kept only if
-        better (``verification.keeps``: verifier report first, then the checklist score)."""
-        failed = [item for item, verdict in zip(checklist, row) if not verdict]
+        better (``verification.keeps``: verifier report first, then the checklist score).
+        A missing verdict is no failed item; a failed rewrite call keeps the winner."""
+        failed = [item for item, verdict in zip(checklist, row) if verdict is not True and verdict != MISSING]
         feedback = ("The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
                     if failed else "")
-        (rewrite,) = await ctx.sample(ctx.task.refine_request(winner.text, with_feedback(feedback, report),
-                                                              temperature=params.temperature,
-                                                              max_tokens=ctx.task.max_tokens or 512))
+        rewrites = await ctx.sample(ctx.task.refine_request(winner.text, with_feedback(feedback, report),
+                                                            temperature=params.temperature,
+                                                            max_tokens=ctx.task.max_tokens or 512),
+                                    allow_partial=True)
+        if rewrites is None:
+            ctx.trace["refine"] = {"failed": True, "kept": False}
+            return winner
+        (rewrite,) = rewrites
         (new_row,), new_reports = await alongside(ctx, [rewrite.text],
                                                   self._judge_all(ctx, [rewrite.text], checklist))
         new_score = self._score(new_row, weights)
         new_report = new_reports[0] if new_reports else None
-        kept = keeps(new_report, report, new_score, score)
-        ctx.trace["refine"] = {"text": rewrite.text, "verdicts": new_row, "score": round(new_score, 4), "kept": kept}
+        kept = keeps(new_report, report, -1.0 if new_score is None else new_score, score)
+        ctx.trace["refine"] = {"text": rewrite.text, "verdicts": new_row, "score": _rounded(new_score), "kept": kept}
         if new_report is not None:
             ctx.trace["refine"]["verification"] = new_report.as_trace()
-        ctx.emit("refine", score=round(new_score, 4), kept=kept)
+        ctx.emit("refine", score=_rounded(new_score), kept=kept)
         if kept:
             ctx.propose(rewrite)  # kept only when better
             return rewrite

@@ -35,9 +35,13 @@ rounds. Refine mode with simulations 5, branching 2 takes 2 + 3×5 = 17 rounds a
 parallel 1 and 2 + 3×3 = 11 at parallel 2 (the first iteration has only the root to
 expand); in steps mode a branching-1 tree is a chain, which parallelism cannot shorten.
 
-A backend call that fails for good ends the search, not the run: the best answer so
-far comes back with ``budget_limited``, the error in ``trace["error"]`` and the stop
-reason saying so; with no answer yet, the error is raised.
+Failed calls: a child whose critique, rewrite, step, reward or evaluation call failed
+for good is left out of the tree (an expansion left with no child is a dead end; a
+failed re-reward adds no reward), listed in ``trace["failed_calls"]``, and the search
+carries on. Any other backend call that fails for good ends the search, not the run:
+the best answer so far comes back with ``budget_limited``, the error in
+``trace["error"]`` and the stop reason saying so. With no draft, no reward for the
+draft or no final completion, the error is raised.
 
 With ``verify`` (refine mode): a node's reward is its mean verifier score (one per visit,
 no full-score suppression), the failing checks' feedback joins each critique in the
@@ -106,16 +110,18 @@ class LLMProblem:
     def __init__(self, ctx: RunContext, params: MCTSParams) -> None:
         self.ctx, self.params = ctx, params
 
-    async def sample_scores(self, template: str, texts: Sequence[str]) -> list[list[float]]:
-        """Each text's readable scores in [0, 1] (unreadable replies are left out)."""
+    async def sample_scores(self, template: str, texts: Sequence[str]) -> list[list[float] | None]:
+        """Each text's readable scores in [0, 1] (unreadable replies are left out);
+        None where the call failed."""
         requests = [
             self.ctx.task.aux_request(template.format(task=self.ctx.task.conversation, response=text),
                                       n=self.params.value_samples, temperature=self.params.eval_temperature,
                                       max_tokens=4)
             for text in texts
         ]
-        generations = await self.ctx.generate(requests)
-        return [[s for s in (prompts.parse_score(c.text) for c in g.choices) if s is not None] for g in generations]
+        generations = await self.ctx.generate(requests, allow_partial=True)
+        return [None if g is None else [s for s in (prompts.parse_score(c.text) for c in g.choices) if s is not None]
+                for g in generations]
 
 
 class RefineProblem(LLMProblem):
@@ -133,17 +139,21 @@ class RefineProblem(LLMProblem):
         task = self.ctx.task
         critique_prompt = prompts.CRITIQUE.format(task=task.conversation, response=state.choice.text)
         critiques = await self.ctx.sample(task.aux_request(critique_prompt, n=self.params.branching,
-                                                           temperature=self.params.temperature, max_tokens=256))
+                                                           temperature=self.params.temperature, max_tokens=256),
+                                          allow_partial=True)
+        if critiques is None:
+            return []
         report = self.reports.get(state.choice.text)
         rewrites = [task.refine_request(state.choice.text, with_feedback(c.text, report),
                                         temperature=self.params.temperature,
                                         max_tokens=task.max_tokens or 512)
                     for c in critiques]
-        generations = await self.ctx.generate(rewrites)
-        return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations)]
+        generations = await self.ctx.generate(rewrites, allow_partial=True)
+        return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations) if g is not None]
 
-    async def rewards(self, states: Sequence[Answer]) -> list[list[float]]:
-        """Self-rewards; with ``verify``, the mean verifier score instead (one reward per visit)."""
+    async def rewards(self, states: Sequence[Answer]) -> list[list[float] | None]:
+        """Self-rewards (None where the call failed); with ``verify``, the mean verifier
+        score instead (one reward per visit)."""
         texts = [s.choice.text for s in states]
         if not self.ctx.verification:
             return await self.sample_scores(prompts.REWARD, texts)
@@ -173,8 +183,11 @@ class StepsProblem(LLMProblem):
         request = self._continue(state.text, n=self.params.branching, temperature=self.params.temperature,
                                  max_tokens=self.params.step_max_tokens, stop=(delimiter, *self.ctx.task.stop))
         request = replace(request, extra=request.extra + (("min_tokens", 1),))
+        choices = await self.ctx.sample(request, allow_partial=True)
+        if choices is None:
+            return []
         children: dict[str, Partial] = {}
-        for choice in await self.ctx.sample(request):
+        for choice in choices:
             step = choice.text
             if state.text.endswith(delimiter) and step.startswith(delimiter):
                 step = step[len(delimiter):]  # the delimiter a trimming template dropped, said again
@@ -186,19 +199,23 @@ class StepsProblem(LLMProblem):
             children.setdefault(text.strip(), Partial(text, finished, choice))  # identical steps merge
         return list(children.values())
 
-    async def evaluate(self, states: Sequence[Partial]) -> list[float]:
+    async def evaluate(self, states: Sequence[Partial]) -> list[float | None]:
+        """Each state's value; None where a rollout or evaluation call failed."""
         if self.params.value == "self_eval":
             scores = await self.sample_scores(prompts.STEP_SCORE, [s.text for s in states])
         else:
             completed = await self.complete(states)
-            scores = await self.sample_scores(prompts.SCORE, [s.text for s in completed])
-        return [(min(row) + sum(row) / len(row)) / 2 if row else 0.0 for row in scores]
+            rolled = iter(await self.sample_scores(prompts.SCORE, [s.text for s in completed if s is not None]))
+            scores = [None if s is None else next(rolled) for s in completed]
+        return [None if row is None else (min(row) + sum(row) / len(row)) / 2 if row else 0.0 for row in scores]
 
-    async def complete(self, states: Sequence[Partial]) -> list[Partial]:
-        """Greedy rollouts of unfinished solutions, concurrently."""
+    async def complete(self, states: Sequence[Partial]) -> list[Partial | None]:
+        """Greedy rollouts of unfinished solutions, concurrently; None where one failed."""
         todo = [s for s in states if not s.done]
-        generations = await self.ctx.generate([self._continue(s.text, temperature=0.0) for s in todo])
-        finished = iter(Partial(s.text + g.choices[0].text, True, g.choices[0]) for s, g in zip(todo, generations))
+        generations = await self.ctx.generate([self._continue(s.text, temperature=0.0) for s in todo],
+                                              allow_partial=True)
+        finished = iter(None if g is None else Partial(s.text + g.choices[0].text, True, g.choices[0])
+                        for s, g in zip(todo, generations))
         return [s if s.done else next(finished) for s in states]
 
 
@@ -282,6 +299,8 @@ class MonteCarloTreeSearch(Strategy):
 
         try:
             (rewards,) = await problem.rewards([Answer(draft)])
+            if rewards is None:  # nothing to compare the children with
+                raise ctx.first_failure()
             root = tree.new_root(Answer(draft), rewards)
             if verified and problem.reports[draft.text].passed:
                 ctx.trace["stop"] = "an answer passes every verifier"
@@ -323,6 +342,8 @@ class MonteCarloTreeSearch(Strategy):
         else:
             chosen = tree.best_path(root)[-1]
             (state,) = await problem.complete([chosen.state])
+            if state is None:
+                raise ctx.first_failure()
         ctx.trace["chosen"] = chosen.index
         message = {"role": "assistant", "content": state.text} if ctx.task.is_chat else None
         return Candidate(state.text, message, "stop")

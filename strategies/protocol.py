@@ -75,10 +75,14 @@ class Generation:
 class Generator(Protocol):
     """Anything that turns a batch of requests into generations, in order.
 
-    Requests in one batch are independent and are issued concurrently.
+    Requests in one batch are independent and are issued concurrently. A request
+    that fails for good (after the generator's own retries) raises, and the batch
+    with it; with ``return_exceptions=True`` (as in ``asyncio.gather``) its exception
+    takes its place in the list instead and the other requests still complete.
     """
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       return_exceptions: bool = False) -> list[Generation | BaseException]: ...
 
 
 @runtime_checkable

@@ -34,8 +34,9 @@ class SearchProblem(Protocol[S]):
         """Children of ``state`` (may be empty: a dead end)."""
         ...
 
-    async def evaluate(self, states: Sequence[S]) -> Sequence[float]:
-        """Values in [0, 1] for a batch of states."""
+    async def evaluate(self, states: Sequence[S]) -> Sequence[float | None]:
+        """Values in [0, 1] for a batch of states; None for a state that could not be
+        valued (its evaluation failed), which is left out of the tree."""
         ...
 
     def is_terminal(self, state: S) -> bool: ...
@@ -181,12 +182,13 @@ class MCTS(Generic[S]):
             self.backpropagate(leaf, leaf.value if leaf.value is not None else 0.0)
             return
         states = list(await self.problem.expand(leaf.state))
-        if not states:
+        valued = list(zip(states, await self.problem.evaluate(states))) if states else []
+        valued = [(state, value) for state, value in valued if value is not None]
+        if not valued:  # a dead end (no children, or none could be valued)
             leaf.terminal = True
             self.backpropagate(leaf, leaf.value if leaf.value is not None else 0.0)
             return
-        values = await self.problem.evaluate(states)
-        for state, value in zip(states, values):
+        for state, value in valued:
             self._count += 1
             child = Node(state, parent=leaf, depth=leaf.depth + 1, value=value, visits=1, value_sum=value,
                          terminal=self.problem.is_terminal(state) or leaf.depth + 1 >= self.max_depth,
@@ -194,7 +196,7 @@ class MCTS(Generic[S]):
             leaf.children.append(child)
         if self.on_expand is not None:
             self.on_expand(leaf)
-        self.backpropagate(leaf, max(values))
+        self.backpropagate(leaf, max(value for _, value in valued))
 
     @staticmethod
     def backpropagate(node: Node[S], reward: float) -> None:
@@ -227,9 +229,10 @@ class RewardProblem(Protocol[S]):
         """Children of ``state`` (may be empty: a dead end)."""
         ...
 
-    async def rewards(self, states: Sequence[S]) -> Sequence[Sequence[float]]:
+    async def rewards(self, states: Sequence[S]) -> Sequence[Sequence[float] | None]:
         """Sampled rewards in [0, 1] for each state of a batch (an empty list when none
-        could be read)."""
+        could be read; None when they could not be sampled: such a child is left out,
+        a re-visit adds nothing)."""
         ...
 
     def is_terminal(self, state: S) -> bool: ...
@@ -346,11 +349,13 @@ class MCTSr(Generic[S]):
                         after_simulation: Callable[[RewardNode[S]], None] | None) -> None:
         (revisit,), states = await gather_or_cancel(self.problem.rewards([node.state]),
                                                     self.problem.expand(node.state))
-        node.rewards.extend(self.suppress(revisit))
-        if not states:
+        node.rewards.extend(self.suppress(revisit or ()))
+        children = list(zip(states, await self.problem.rewards(states))) if states else []
+        children = [(state, rewards) for state, rewards in children if rewards is not None]
+        if not children:  # a dead end (no children, or none could be rewarded)
             node.terminal = True
         else:
-            for state, rewards in zip(states, await self.problem.rewards(states)):
+            for state, rewards in children:
                 self._count += 1
                 child = RewardNode(state, parent=node, depth=node.depth + 1, rewards=self.suppress(rewards),
                                    terminal=self.problem.is_terminal(state), index=self._count)

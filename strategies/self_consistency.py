@@ -19,6 +19,10 @@
   the vote among the samples passing every check (the first-drawn passing sample of the
   winning answer), else the sample with the best verifier report; ``aggregate: llm`` is
   then not used.
+- Failed calls: the samples of a failed request are missing (``samples_missing``); the
+  vote runs over the samples drawn. A wave that draws nothing ends sampling early once
+  there are samples; with none at all, the failure surfaces. A failed USC selection
+  falls back to the vote.
 """
 
 from __future__ import annotations
@@ -124,9 +128,16 @@ class SelfConsistency(Strategy):
         ctx.trace.update({"samples": [], "adaptive": params.adaptive})
         wave = params.wave_size if params.adaptive else params.k
         stop_reason = "k samples drawn"
-        while len(samples) < params.k:
-            count = min(wave, params.k - len(samples))
-            new = await self._draw(ctx, params, count)
+        missing = 0  # samples of requests that failed
+        while len(samples) + missing < params.k:
+            count = min(wave, params.k - len(samples) - missing)
+            new, lost = await self._draw(ctx, params, count)
+            missing += lost
+            if not new:  # every request of the wave failed
+                if not samples:
+                    raise ctx.first_failure()
+                stop_reason = "sampling failed"
+                break
             extracted = [extract_answer(choice.text, params.answer_format) for choice in new]
             if any(answer is not None and needs_math(answer) for answer in extracted):
                 # Math-Verify (sympy) work, bounded but CPU-bound: off the event loop.
@@ -140,29 +151,32 @@ class SelfConsistency(Strategy):
             ctx.emit("votes", drawn=len(samples), table=tally.table())
             ctx.propose(self._winner(samples, tally))
             if params.adaptive:
-                stop, why = should_stop(tally, len(samples), params.k, params.confidence,
+                stop, why = should_stop(tally, len(samples) + missing, params.k, params.confidence,
                                         weighted=params.weighting == "logprob")
                 if stop:
                     stop_reason = why
                     break
-        ctx.trace.update({"votes": tally.table(), "samples_used": len(samples), "stop": stop_reason})
+        ctx.trace.update({"votes": tally.table(), "samples_used": len(samples), "stop": stop_reason,
+                          "samples_missing": missing})
         if ctx.verification:
             reports = await ctx.verification.check(ctx, [s.text for s in samples])
             chosen = pick(ctx, reports, self.vote_among_passing(ctx.trace["samples"], reports),
                           self.winner_index(samples, tally))
             return Candidate.of(samples[chosen])
         if params.aggregate == "llm" and len(samples) > 1:
-            return await self._select_consistent(ctx, samples)
+            return await self._select_consistent(ctx, samples, self._winner(samples, tally))
         return self._winner(samples, tally)
 
-    async def _draw(self, ctx: RunContext, params: SelfConsistencyParams, count: int) -> list[Choice]:
+    async def _draw(self, ctx: RunContext, params: SelfConsistencyParams, count: int) -> tuple[list[Choice], int]:
+        """The samples drawn, and how many were lost to failed requests."""
         sizes = [min(params.n_per_request, count - i) for i in range(0, count, params.n_per_request)]
         requests = [
             ctx.task.sample_request(n=size, temperature=params.temperature, logprobs=params.weighting == "logprob")
             for size in sizes
         ]
-        generations = await ctx.generate(requests)
-        return [choice for generation in generations for choice in generation.choices]
+        generations = await ctx.generate(requests, allow_partial=True)
+        drawn = [choice for generation in generations if generation is not None for choice in generation.choices]
+        return drawn, sum(r.n for r, g in zip(requests, generations) if g is None)
 
     @classmethod
     def _winner(cls, samples: list[Choice], tally: Tally) -> Candidate:
@@ -188,16 +202,15 @@ class SelfConsistency(Strategy):
                 weights[rows[i]["answer"]] = weights.get(rows[i]["answer"], 0.0) + rows[i]["weight"]
         return lambda i: weights.get(rows[i]["answer"], 0.0)
 
-    async def _select_consistent(self, ctx: RunContext, samples: list[Choice]) -> Candidate:
+    async def _select_consistent(self, ctx: RunContext, samples: list[Choice], fallback: Candidate) -> Candidate:
         texts = [s.text for s in samples]
         prompt = prompts.SELECT_CONSISTENT.format(task=ctx.task.conversation, responses=prompts.render_responses(texts))
-
-        async def judge() -> str:
-            (choice,) = await ctx.sample(ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8))
-            return choice.text
-
+        request = ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8)
         key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "usc", ctx.task.identity, texts)
-        reply = await ctx.cached("judgment", key, judge)
+        reply = await ctx.cached_text("judgment", key, request, whole=False, allow_partial=True)
+        if reply is None:  # the selection call failed: the vote decides
+            ctx.trace["usc"] = {"failed": True, "selected": None}
+            return fallback
         index = prompts.parse_choice_number(reply, len(samples))
         ctx.trace["usc"] = {"reply": reply, "selected": index}
         ctx.emit("selected", index=index)

@@ -6,13 +6,18 @@ after ``max_rounds``. Every version is scored, and the run returns the best-scor
 version seen: a later version replaces an earlier one only with a strictly higher
 score, because self-correction without outside signal often makes answers worse
 (Huang et al., 2023). ``chains`` runs independent chains concurrently, their drafts
-drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by content.
+drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by content
+(never when cut short at its max_tokens).
 
 With ``verify`` (``strategies.verification``), every version is also checked, alongside its
 feedback; the failing checks' feedback joins the self-critique in the rewrite prompt; a
 chain stops as soon as a version passes every check (DONE and ``stop_score`` no longer stop
 it while a check fails); a version replaces the kept one only with a strictly better
 verifier report, or an equal report and a higher self-score.
+
+A feedback or refinement call that fails for good ends that chain (``stop``:
+"feedback failed" / "refine failed") with its best version so far; when no version
+of any chain got feedback (or a verifier report), the failure surfaces.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class SelfRefine(Strategy):
         ctx.propose(drafts[0])
         ctx.trace["chains"] = [[] for _ in drafts]
         bests = await gather_or_cancel(*(self._chain(ctx, params, i, d) for i, d in enumerate(drafts)))
+        if all(v.feedback is None and v.report is None for v in bests):  # every chain's first feedback failed
+            raise ctx.first_failure()
         best = bests[0]
         for version in bests[1:]:  # first chain wins ties
             if version.beats(best):
@@ -92,6 +99,9 @@ class SelfRefine(Strategy):
             current.feedback, reports = await alongside(ctx, [current.choice.text],
                                                         self._feedback(ctx, params, current.choice.text))
             current.report = reports[0] if reports else None
+            if current.feedback is None:
+                history.append({**current.as_trace(), "stop": "feedback failed"})
+                break
             history.append(current.as_trace())
             ctx.emit("critique", chain=chain, **history[-1])
             if current.beats(best):
@@ -108,32 +118,34 @@ class SelfRefine(Strategy):
                 history[-1]["stop"] = "max rounds"
                 break
             refined = await self._refine(ctx, params, current)
+            if refined is None:
+                history[-1]["stop"] = "refine failed"
+                break
             if refined.text.strip() == current.choice.text.strip():
                 history[-1]["stop"] = "no change"
                 break
             current = Version(refined, round_ + 1)
         return best
 
-    async def _feedback(self, ctx: RunContext, params: SelfRefineParams, response: str) -> prompts.Feedback:
+    async def _feedback(self, ctx: RunContext, params: SelfRefineParams, response: str) -> prompts.Feedback | None:
+        """Parsed feedback on ``response``; None when the call failed."""
         prompt = prompts.FEEDBACK.format(task=ctx.task.conversation, response=response)
         request = ctx.task.aux_request(prompt, temperature=params.feedback_temperature,
                                        max_tokens=params.feedback_max_tokens)
-
-        async def critique() -> str:
-            (choice,) = await ctx.sample(request)
-            return choice.text
-
         if params.feedback_temperature > 0:  # sampled critiques are never served from cache
-            return prompts.parse_feedback(await critique())
-        key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "self-refine/feedback", ctx.task.identity,
-                        response, params.feedback_max_tokens)
-        return prompts.parse_feedback(await ctx.cached("critique", key, critique))
+            choices = await ctx.sample(request, allow_partial=True)
+            text = None if choices is None else choices[0].text
+        else:
+            key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "self-refine/feedback", ctx.task.identity,
+                            response)
+            text = await ctx.cached_text("critique", key, request, whole=True, allow_partial=True)
+        return None if text is None else prompts.parse_feedback(text)
 
-    async def _refine(self, ctx: RunContext, params: SelfRefineParams, version: Version) -> Choice:
+    async def _refine(self, ctx: RunContext, params: SelfRefineParams, version: Version) -> Choice | None:
         feedback = version.feedback
         issues = "\n".join(f"- {issue}" for issue in feedback.issues) or feedback.text
         request = ctx.task.refine_request(version.choice.text, with_feedback(issues, version.report),
                                           temperature=params.temperature,
                                           max_tokens=ctx.task.max_tokens or 512)
-        (choice,) = await ctx.sample(request)
-        return choice
+        choices = await ctx.sample(request, allow_partial=True)
+        return None if choices is None else choices[0]

@@ -2,7 +2,8 @@
 
 ``ScriptedGenerator(responder)`` answers every choice of every request by calling
 ``responder(request, sample_index)``, which returns the choice's text (or a full
-``Choice``). It records each ``generate()`` batch in ``calls`` and the peak number
+``Choice``), or raises to make that request fail (as a backend does when its retries
+are spent: the batch fails, or with ``return_exceptions`` only that request). It records each ``generate()`` batch in ``calls`` and the peak number
 of ``generate()`` calls in flight at once, so tests can assert how work was
 batched and whether independent work was issued concurrently.
 
@@ -79,7 +80,8 @@ class ScriptedGenerator:
             return max(self.delay(r) for r in requests)
         return self.delay
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       return_exceptions: bool = False) -> list[Generation | BaseException]:
         self.calls.append(list(requests))
         span = [self._next_tick(), -1]
         self.spans.append(span)
@@ -88,7 +90,15 @@ class ScriptedGenerator:
         try:
             # Yield to the loop so that calls issued concurrently overlap here.
             await asyncio.sleep(self._delay(requests))
-            return [self._answer(request) for request in requests]
+            if not return_exceptions:
+                return [self._answer(request) for request in requests]
+            outcomes: list[Generation | BaseException] = []
+            for request in requests:
+                try:
+                    outcomes.append(self._answer(request))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
         finally:
             self.in_flight -= 1
             span[1] = self._next_tick()

@@ -144,8 +144,9 @@ class ScriptedBackend:
     def __init__(self, generator) -> None:
         self.generator = generator
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        return await self.generator.generate(requests)
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       return_exceptions: bool = False) -> list[Generation | BaseException]:
+        return await self.generator.generate(requests, return_exceptions=return_exceptions)
 
     async def default_model(self) -> str:
         return "scripted"

@@ -288,11 +288,14 @@ def failing_after(calls: int, script) -> ScriptedGenerator:
     gen = ScriptedGenerator(script)
     generate = gen.generate
 
-    async def wrapped(requests):
+    async def wrapped(requests, *, return_exceptions=False):
         if len(gen.calls) >= calls:
             gen.calls.append(list(requests))
-            raise Broken(f"backend down at call {len(gen.calls)}")
-        return await generate(requests)
+            error = Broken(f"backend down at call {len(gen.calls)}")
+            if return_exceptions:
+                return [error] * len(requests)
+            raise error
+        return await generate(requests, return_exceptions=return_exceptions)
 
     gen.generate = wrapped
     return gen
@@ -301,9 +304,11 @@ def failing_after(calls: int, script) -> ScriptedGenerator:
 async def test_refine_error_late_in_the_search_returns_the_best_so_far() -> None:
     params = {"mode": "refine", "simulations": 10, "branching": 2, "value_samples": 2, "max_depth": 2}
     # draft, root reward, 2 expansions of 4 calls (root, then draft/0), then down
-    result = await run_strategy("mcts", MATH, failing_after(10, mcts_refine_script), params=params)
-    assert result.budget_limited and result.stop_reason.startswith("backend error: Broken")
-    assert "backend down at call 11" in result.trace["error"]
+    gen = failing_after(10, mcts_refine_script)
+    result = await run_strategy("mcts", MATH, gen, params=params)
+    # Every later expansion's calls fail: the nodes become dead ends, listed as failed calls.
+    assert result.trace["failed_calls"][0]["error"] == "Broken" and len(gen.calls) > 11
+    assert "failed backend call" in result.stop_reason
     # The best Q' so far is draft/0/1 (0.75; draft/1/0 was never written), not the draft.
     assert result.answer == "draft/0/1"
     assert len(result.trace["tree"]["children"]) == 2
@@ -319,8 +324,8 @@ async def test_steps_error_late_returns_the_best_finished_solution() -> None:
 
     gen = failing_after(2, script)  # the root's expansion and its values, then down
     result = await run_strategy("mcts", STEP_TASK, gen, params={"mode": "steps", "simulations": 5, "branching": 2})
-    assert result.answer == " The answer is 7." and result.budget_limited
-    assert "Broken" in result.trace["error"]
+    assert result.answer == " The answer is 7."
+    assert result.trace["failed_calls"][0]["error"] == "Broken"
 
 
 async def test_an_error_before_any_answer_is_raised() -> None:

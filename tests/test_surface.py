@@ -47,15 +47,21 @@ class GatedBackend:
         self.gate.set()
         self.generator = ScriptedGenerator(lambda r, i: f"The answer is {i}.")
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    async def generate(self, requests: Sequence[GenerationRequest], *,
+                       return_exceptions: bool = False) -> list[Generation | BaseException]:
         text = " ".join(request_text(r) for r in requests)
+        error = None
         if "FAIL-BACKEND" in text:
-            raise BackendError(f"backend {INTERNAL} failed: connection refused")
-        if "TIMEOUT-BACKEND" in text:
-            raise BackendTimeout(f"backend {INTERNAL} did not answer within 300s")
+            error = BackendError(f"backend {INTERNAL} failed: connection refused")
+        elif "TIMEOUT-BACKEND" in text:
+            error = BackendTimeout(f"backend {INTERNAL} did not answer within 300s")
+        if error is not None:
+            if return_exceptions:
+                return [error] * len(requests)
+            raise error
         while not self.gate.is_set():
             await asyncio.sleep(0.005)
-        return await self.generator.generate(requests)
+        return await self.generator.generate(requests, return_exceptions=return_exceptions)
 
     async def request(self, method: str, path: str, body=None, *, decode: bool = True):
         return b'{"object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}'

@@ -11,6 +11,10 @@ A solver turns (item, setting, params) into an ``Outcome``:
 - ``InProcessSolver`` calls ``run_strategy`` over any ``Generator`` — the runtime's backend (the
   embedded engine or ``PONDER_BACKEND_URLS``) from the CLI, a scripted generator in tests;
 - ``HTTPSolver`` POSTs to a running ponder's ``/v1/solve``.
+
+Neither reads nor writes a cache (``cache: false``): every pair pays for all of its own
+work, so tokens per task and ``--match-budget`` measure the setting itself, not the setting
+order or what an old Redis still holds.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import httpx
 
 from strategies import Budget, Limits, StrategyError, Task, get_strategy, run_strategy
 from strategies.base import parse_params
-from strategies.protocol import Cache, Generator
+from strategies.protocol import Generator
 
 from .data import EvalItem, load_dataset, parse_dataset_spec
 from .report import format_table, summarize, write_plot, write_summary
@@ -149,19 +153,19 @@ class Solver(Protocol):
 
 
 class InProcessSolver:
-    """``run_strategy`` over a ``Generator`` in this process."""
+    """``run_strategy`` over a ``Generator`` in this process, with no cache."""
 
     mode = "in-process"
 
-    def __init__(self, generator: Generator, *, cache: Cache | None = None, model: str | None = None,
+    def __init__(self, generator: Generator, *, model: str | None = None,
                  budget: Budget = Budget(), limits: Limits | None = None) -> None:
-        self.generator, self.cache, self.model = generator, cache, model
+        self.generator, self.model = generator, model
         self.budget, self.limits = budget, limits
 
     async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any]) -> Outcome:
         task = Task(prompt=item.prompt, messages=item.messages, model=self.model, max_tokens=item.max_tokens,
                     stop=tuple(item.stop))
-        result = await run_strategy(setting.strategy, task, self.generator, params=params, cache=self.cache,
+        result = await run_strategy(setting.strategy, task, self.generator, params=params, use_cache=False,
                                     budget=self.budget, limits=self.limits, model_id=self.model or "")
         return Outcome(answer=result.answer, usage=result.usage.as_dict(), trace_id=f"eval-{uuid.uuid4().hex[:20]}",
                        trace=result.trace, budget_limited=result.budget_limited, stop_reason=result.stop_reason,
@@ -202,6 +206,7 @@ class HTTPSolver:
             "params": params,
             "sampling": {"max_tokens": item.max_tokens, "stop": list(item.stop)},
             "budget": dict(self.budget),
+            "cache": False,
         }
         if self.model:
             body["model"] = self.model
@@ -618,7 +623,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         runtime = await Runtime.start(settings, engine_log=args.engine_log)
         try:
             model = args.model or await runtime.backend.default_model()
-            solver = InProcessSolver(runtime.backend, cache=runtime.cache, model=model,
+            solver = InProcessSolver(runtime.backend, model=model,
                                      budget=settings.budget(max_tokens=args.match_budget, deadline_s=args.deadline_s),
                                      limits=settings.limits)
             return await run_eval(items, eval_settings, solver, out, concurrency=args.concurrency,

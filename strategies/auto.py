@@ -27,6 +27,10 @@ without an outside signal, refinement does not help; Huang et al., 2023).
    the vote among them), or the plain vote without verifiers.
 
 ``trace["path"]`` lists the stages taken, each with why it ended the run or escalated.
+
+Failed calls (``trace["failed_calls"]``): a later wave whose request fails for good ends
+the sampling with the samples drawn; a rewrite that fails is left out (a round whose
+rewrites all fail ends the refinement). Without a first wave, the failure surfaces.
 """
 
 from __future__ import annotations
@@ -142,11 +146,17 @@ class Auto(Strategy):
         return Candidate.of(pool.choices[chosen])
 
     @staticmethod
-    async def _draw(ctx: RunContext, params: AutoParams, pool: Pool, count: int, stage: str) -> list[Report]:
-        new = await ctx.sample(ctx.task.sample_request(n=count, temperature=params.temperature))
-        reports = await pool.add(ctx, params, new, stage)
+    async def _draw(ctx: RunContext, params: AutoParams, pool: Pool, count: int, stage: str) -> bool:
+        """Draw and verify a wave; False when its request failed for good (after a first wave)."""
+        new = await ctx.sample(ctx.task.sample_request(n=count, temperature=params.temperature),
+                               allow_partial=True)
+        if new is None:
+            if not pool.choices:
+                raise ctx.first_failure()
+            return False
+        await pool.add(ctx, params, new, stage)
         ctx.propose(pool.choices[pool.choice(ctx)])
-        return reports
+        return True
 
     @staticmethod
     def _first_wave_settles(ctx: RunContext, params: AutoParams, pool: Pool) -> tuple[bool, str]:
@@ -165,7 +175,9 @@ class Auto(Strategy):
         path.append(stage)
         while len(pool.choices) < params.max_samples:
             count = min(params.wave_size, params.max_samples - len(pool.choices))
-            await self._draw(ctx, params, pool, count, "more samples")
+            if not await self._draw(ctx, params, pool, count, "more samples"):
+                stage["why"] = "sampling failed"
+                return
             stage["samples"] += count
             if ctx.verification:
                 if pool.any_passed:
@@ -186,9 +198,13 @@ class Auto(Strategy):
             requests = [ctx.task.refine_request(pool.choices[i].text, pool.reports[i].feedback,
                                                 temperature=params.temperature,
                                                 max_tokens=ctx.task.max_tokens or 512) for i in targets]
-            rewrites = [g.choices[0] for g in await ctx.generate(requests)]
-            await pool.add(ctx, params, rewrites, "refinement")
-            for row, source in zip(pool.rows[-len(rewrites):], targets):
+            written = [(g.choices[0], source) for g, source in zip(await ctx.generate(requests, allow_partial=True),
+                                                                    targets) if g is not None]
+            if not written:
+                stage["why"] = "every rewrite failed"
+                return
+            await pool.add(ctx, params, [rewrite for rewrite, _ in written], "refinement")
+            for row, (_, source) in zip(pool.rows[-len(written):], written):
                 row["from"] = source
             ctx.propose(pool.choices[pool.choice(ctx)])
             stage["rounds"] += 1

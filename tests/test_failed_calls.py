@@ -303,3 +303,46 @@ async def test_a_budget_stop_is_not_a_failed_call() -> None:
     gen = ScriptedGenerator(rating_script(RATED_CANDIDATES, rated(5, 9, 3, 7)))
     result = await run_strategy("best-of-n", MATH, gen, params={"n": 4}, budget=Budget(max_calls=2))
     assert result.budget_limited and "failed_calls" not in result.trace
+
+
+# == auto ===============================================================================
+
+
+async def test_auto_ends_sampling_at_a_failed_wave_and_raises_without_a_first_one() -> None:
+    from tests.test_auto import waves
+
+    answers = ["The answer is 42", "The answer is 41", "The answer is 42", "The answer is 40"] + \
+              ["The answer is 42"] * 12
+    gen = ScriptedGenerator(failing(waves(*answers), lambda r: len(gen.calls) == 2))  # the second wave fails
+    result = await run_strategy("auto", MATH, gen, params={"max_samples": 16, "wave_size": 4})
+    assert result.answer == "The answer is 42" and result.trace["samples_used"] == 4
+    assert result.trace["path"][1] == {"stage": "more samples", "samples": 0, "why": "sampling failed"}
+    assert_failures_reported(result, 1)
+
+    gen = ScriptedGenerator(failing(waves(*answers), is_task_sample))
+    with pytest.raises(UpstreamError):
+        await run_strategy("auto", MATH, gen)
+
+
+async def test_auto_leaves_a_failed_rewrite_out() -> None:
+    from strategies.verification import Verdict
+    from tests.scripted_verifiers import verification
+    from tests.test_auto import waves
+
+    answers = ["The answer is 1", "The answer is 2", "The answer is 1", "The answer is 3"] * 2
+
+    def judge(text: str) -> Verdict:
+        ok = "(fixed)" in text and "2" in text
+        return Verdict(ok, 1.0 if ok else 0.3, "" if ok else "show the units")
+
+    def fails(request: GenerationRequest) -> bool:  # rewriting "The answer is 1" fails
+        fields = match_template(request, prompts.REFINE)
+        return fields is not None and fields["response"] == "The answer is 1"
+
+    gen = ScriptedGenerator(failing(waves(*answers), fails))
+    result = await run_strategy("auto", MATH, gen, params={"max_samples": 8, "refine_width": 2},
+                                verification=verification(judge))
+    assert result.answer == "The answer is 2 (fixed)"
+    rewrites = [row for row in result.trace["samples"] if "from" in row]
+    assert len(rewrites) == 1 and rewrites[0]["from"] is not None
+    assert_failures_reported(result, 1)

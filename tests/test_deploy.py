@@ -156,9 +156,21 @@ def container_ports(service: dict[str, Any]) -> list[tuple[str | None, int]]:
     return out
 
 
+def resolve_extends(document: dict[str, Any]) -> dict[str, Any]:
+    """Services with ``extends: <service>`` (same file) become the base service with their own
+    keys on top (an ``!override`` value replaces the base's)."""
+    services = document["services"]
+    for name, service in services.items():
+        base = service.get("extends")
+        if base is not None:
+            own = {k: v.value if isinstance(v, Override) else v for k, v in service.items() if k != "extends"}
+            services[name] = {**{k: v for k, v in services[base].items() if k != "profiles"}, **own}
+    return document
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return load_compose(COMPOSE)
+    return resolve_extends(load_compose(COMPOSE))
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +362,7 @@ def test_dockerignore_lets_in_only_what_the_images_install(stages):
 
 def test_compose_services_and_images(compose, stages):
     services = compose["services"]
-    assert set(services) == {"ponder", "redis", "vllm", "prometheus"}
+    assert set(services) == {"ponder", "redis", "vllm", "prometheus", "vllm-2", "vllm-router"}
     ponder = services["ponder"]
     assert ponder["build"]["target"] in stages and ponder["build"]["target"] == "runtime"
     assert (ROOT / ponder["build"]["context"] / "Dockerfile").exists()
@@ -360,9 +372,10 @@ def test_compose_services_and_images(compose, stages):
     for name, service in services.items():
         image = interpolate(service.get("image", ""), {})
         assert image and ":" in image and not image.endswith(":latest") or "build" in service, name
-    # only prometheus is optional
+    # prometheus and the router scale-out are optional
     assert services["prometheus"]["profiles"] == ["monitoring"]
-    assert all("profiles" not in s for n, s in services.items() if n != "prometheus")
+    assert services["vllm-2"]["profiles"] == services["vllm-router"]["profiles"] == ["router"]
+    assert all("profiles" not in s for n, s in services.items() if n not in ("prometheus", "vllm-2", "vllm-router"))
 
 
 def test_compose_every_service_is_health_checked(compose):
@@ -382,10 +395,11 @@ def test_compose_every_service_is_health_checked(compose):
 
 def test_compose_start_order_waits_for_health(compose):
     services = compose["services"]
-    expected = {"ponder": {"redis", "vllm"}, "prometheus": {"ponder"}}
+    expected = {"ponder": {"redis", "vllm"}, "prometheus": {"ponder"}, "vllm-router": {"vllm", "vllm-2"}}
     for name, needs in expected.items():
         depends = services[name]["depends_on"]
-        assert isinstance(depends, dict) and set(depends) == needs, name
+        assert isinstance(depends, dict), name
+        assert {d for d, spec in depends.items() if spec.get("required", True)} == needs, name
         for dependency, spec in depends.items():
             assert spec["condition"] == "service_healthy", f"{name} -> {dependency}"
             assert services[dependency].get("healthcheck"), dependency
@@ -396,6 +410,26 @@ def test_compose_start_order_waits_for_health(compose):
         ready = {n for n in graph.keys() - done if graph[n] <= done}
         assert ready, f"dependency cycle among {graph.keys() - done}"
         done |= ready
+
+
+def test_compose_router_profile_puts_vllm_router_in_front_of_two_servers(compose, stages):
+    services = compose["services"]
+    router = services["vllm-router"]
+    assert router["build"]["target"] == "router" and "router" in stages
+    assert "vllm-router==" in " ".join(stages["router"].args("RUN"))
+    command = interpolate(router["command"], {})
+    workers = command[command.index("--worker-urls") + 1:command.index("--policy")]
+    assert workers == ["http://vllm:8000", "http://vllm-2:8000"]
+    assert command[command.index("--policy") + 1] == "cache_aware"
+    assert interpolate(command[command.index("--port") + 1], {}) == "8000"
+    # the second server is the first one on another GPU
+    second = services["vllm-2"]
+    assert second["image"] == services["vllm"]["image"] and second["command"] == services["vllm"]["command"]
+    (device,) = second["deploy"]["resources"]["reservations"]["devices"]
+    assert interpolate(device["device_ids"], {}) == ["1"] and "count" not in device
+    # ponder waits for the router only when the profile runs it
+    assert services["ponder"]["depends_on"]["vllm-router"] == {"condition": "service_healthy", "required": False}
+    assert "/health" in " ".join(router["healthcheck"]["test"])
 
 
 def test_compose_gpu_reservation_model_and_hf_cache(compose):

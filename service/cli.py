@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--settings", metavar="SETTINGS",
                     help='JSON file or inline JSON list of {"label", "strategy", "params"}, or comma-separated '
                          "built-in labels (greedy, sc-k4, sc-k8, sc-adaptive-k8, self-refine, mcts-refine, "
-                         "mcts-steps, checklist-bon); default: all built-in")
+                         "mcts-steps, checklist-bon; also best-of-n-n8, checklist-bon-n8, verified-bon-n4, "
+                         "verified-bon-n8, auto, auto-verify); default: the first eight")
+    ev.add_argument("--verify", default=None, metavar="SOURCE",
+                    help="checks for settings with verify (verified-bon-n4/-n8, auto-verify, or JSON settings with "
+                         '"verify": true): "item" = each item\'s own (IFEval: its instructions as an ifeval '
+                         "verifier), or a JSON list of verifier specs (inline or a file) for every item")
     ev.add_argument("--out", type=Path, required=True, metavar="DIR", help="results directory (resumed if present)")
     ev.add_argument("--url", help="a running ponder (POST /v1/solve), e.g. http://ponder:8000")
     ev.add_argument("--api-key", default=None, help="bearer key for --url (its PONDER_API_KEYS)")

@@ -485,3 +485,60 @@ def test_cli_eval_url_mode_and_summary_only(served_ponder, tmp_path: Path, capsy
     assert "| sc-k4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="match_budget"):
         main(argv[:-1] + ["500"])
+
+
+# -- --verify: verified-bon and auto settings ------------------------------------------
+
+
+async def test_verify_item_gives_ifeval_settings_their_own_instructions_and_oracle(tmp_path: Path) -> None:
+    pytest.importorskip("if_verifiable")
+    from service.evaluation.runner import load_verify
+    from service.verifiers import VerifierRegistry
+
+    items = ifeval_items(_ifeval_file(tmp_path))[:1]  # lowercase, no commas
+    texts = ["Rain, Falls", "RAIN FALLS", "rain falls softly"]
+
+    def respond(request: GenerationRequest, i: int) -> str:
+        return texts[i % len(texts)] if "Improve a response" not in request_text(request) else "rain, again"
+
+    registry = VerifierRegistry(workers=1)
+    try:
+        solver = InProcessSolver(ScriptedGenerator(respond), verifiers=registry)
+        chosen = load_settings("greedy,verified-bon-n4")
+        assert [s.verify for s in chosen] == [False, True]
+        with pytest.raises(ValueError, match="need --verify"):
+            await run_eval(items, chosen, solver, tmp_path / "none")
+        await run_eval(items, chosen, solver, tmp_path / "out", verify_for=load_verify("item"))
+    finally:
+        await registry.aclose()
+    records = {r["label"]: r for r in read_results(tmp_path / "out" / "results.jsonl")}
+    assert records["greedy"]["correct"] is False and records["greedy"]["verify"] is False
+    assert "oracle_pass" not in records["greedy"]
+    bon = records["verified-bon-n4"]
+    assert bon["verify"] is True and bon["answer"] == "rain falls softly" and bon["correct"] is True
+    assert bon["oracle_pass"] is True and bon["calls"] == 1
+    summary = summarize(read_results(tmp_path / "out" / "results.jsonl"))
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert rows["verified-bon-n4"]["oracle"] == 1.0 and "oracle" not in rows["greedy"]
+
+
+def test_verify_sources(tmp_path: Path) -> None:
+    from service.evaluation.runner import item_checks, load_verify
+
+    arith = arithmetic_items(1, difficulty=1)[0]
+    with pytest.raises(ValueError, match="carry no checks"):
+        item_checks(arith)
+    spec = [{"type": "regex", "pattern": r"\d"}]
+    assert load_verify(json.dumps(spec))(arith) == spec
+    path = tmp_path / "verify.json"
+    path.write_text(json.dumps(spec))
+    assert load_verify(str(path))(arith) == spec
+    with pytest.raises(StrategyError) as caught:
+        load_verify('[{"type": "regex"}]')
+    assert caught.value.field == "verify[0].pattern"
+    first = ifeval_items(_ifeval_file(tmp_path))[1]
+    (check,) = item_checks(first)
+    assert check["instructions"][0] == {"id": "length_constraints:number_sentences",
+                                        "kwargs": {"relation": "less than", "num_sentences": 3}}
+    assert check["prompt"] == first.question
+    assert load_settings('[{"strategy": "auto", "verify": true}]')[0].verify is True

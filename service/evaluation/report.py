@@ -78,6 +78,9 @@ def summarize_setting(label: str, records: Sequence[dict[str, Any]], setting: di
         "latency_p50_s": statistics.median([r["latency_s"] for r in ok]) if ok else None,
         "budget_limited": sum(1 for r in ok if r.get("budget_limited")),
     }
+    oracle = [r["oracle_pass"] for r in ok if "oracle_pass" in r]
+    if oracle:  # verified-bon: share of items where one of the first N samples passed every check
+        row["oracle"] = sum(oracle) / len(oracle)
     ifeval = [r["scores"] for r in ok if isinstance(r.get("scores"), dict) and "instructions" in r["scores"]]
     if ifeval:
         strict = _rate([s.get("prompt_strict") for s in ifeval])
@@ -137,6 +140,9 @@ def format_table(summary: dict[str, Any]) -> str:
               "calls", "p50 latency (s)", "budget-limited", "unscored", "errors"]
     if ifeval:
         header += ["prompt loose", "instr strict", "instr loose", "instr unscored"]
+    oracle = any("oracle" in r for r in rows)
+    if oracle:
+        header += ["oracle (a first sample passes)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         ci = "—" if r["ci_low"] is None else f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}%"
@@ -148,6 +154,8 @@ def format_table(summary: dict[str, Any]) -> str:
             x = r.get("ifeval") or {}
             cells += [_pct(x.get("prompt_loose")), _pct(x.get("instruction_strict")),
                       _pct(x.get("instruction_loose")), str(x.get("instructions_unscored", "—"))]
+        if oracle:
+            cells.append(_pct(r.get("oracle")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, TextIO
+from typing import Any, Callable, Iterable, Protocol, Sequence, TextIO
 
 import httpx
 
@@ -59,9 +59,12 @@ class EvalSetting:
     label: str
     strategy: str
     params: dict[str, Any] = field(default_factory=dict)
+    verify: bool = False
+    """Run with the item's checks from ``--verify`` as the request's ``verify`` list."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "strategy": self.strategy, "params": dict(self.params)}
+        out = {"label": self.label, "strategy": self.strategy, "params": dict(self.params)}
+        return {**out, "verify": True} if self.verify else out
 
 
 DEFAULT_SETTINGS: tuple[EvalSetting, ...] = (
@@ -74,19 +77,30 @@ DEFAULT_SETTINGS: tuple[EvalSetting, ...] = (
     EvalSetting("mcts-steps", "mcts", {"mode": "steps", "simulations": 4}),
     EvalSetting("checklist-bon", "checklist-bon", {"n": 4}),
 )
+BUILTIN_SETTINGS: tuple[EvalSetting, ...] = DEFAULT_SETTINGS + (
+    EvalSetting("best-of-n-n8", "best-of-n", {"n": 8}),
+    EvalSetting("checklist-bon-n8", "checklist-bon", {"n": 8}),
+    EvalSetting("verified-bon-n4", "verified-bon", {"n": 4, "rounds": 2}, verify=True),
+    EvalSetting("verified-bon-n8", "verified-bon", {"n": 8, "rounds": 2}, verify=True),
+    EvalSetting("auto", "auto", {}),
+    EvalSetting("auto-verify", "auto", {}, verify=True),
+)
+"""Selectable by label; the ones with ``verify`` need ``--verify``."""
 
 
 def _setting_from(entry: Any, index: int) -> EvalSetting:
     if not isinstance(entry, dict) or "strategy" not in entry:
         raise ValueError(f"settings[{index}]: expected {{'label', 'strategy', 'params'}}, got {entry!r}")
-    unknown = set(entry) - {"label", "strategy", "params"}
+    unknown = set(entry) - {"label", "strategy", "params", "verify"}
     if unknown:
         raise ValueError(f"settings[{index}]: unknown field(s) {sorted(unknown)}")
     params = entry.get("params") or {}
     if not isinstance(params, dict):
         raise ValueError(f"settings[{index}]: params must be an object")
+    if not isinstance(entry.get("verify", False), bool):
+        raise ValueError(f"settings[{index}]: verify must be true or false")
     label = entry.get("label") or entry["strategy"] + "".join(f"-{k}{v}" for k, v in sorted(params.items()))
-    return EvalSetting(str(label), str(entry["strategy"]), dict(params))
+    return EvalSetting(str(label), str(entry["strategy"]), dict(params), bool(entry.get("verify", False)))
 
 
 def load_settings(value: str | None, *, limits: Limits | None = None) -> list[EvalSetting]:
@@ -101,7 +115,7 @@ def load_settings(value: str | None, *, limits: Limits | None = None) -> list[Ev
         elif Path(text).expanduser().is_file():
             raw = json.loads(Path(text).expanduser().read_text(encoding="utf-8"))
         else:
-            builtin = {s.label: s for s in DEFAULT_SETTINGS}
+            builtin = {s.label: s for s in BUILTIN_SETTINGS}
             labels = [p.strip() for p in text.split(",") if p.strip()]
             missing = [label for label in labels if label not in builtin]
             if missing:
@@ -120,6 +134,31 @@ def load_settings(value: str | None, *, limits: Limits | None = None) -> list[Ev
         seen.add(setting.label)
         parse_params(get_strategy(setting.strategy), setting.params, limits)  # StrategyError names the field
     return chosen
+
+
+VerifySource = Callable[[EvalItem], list[dict[str, Any]]]
+
+
+def load_verify(value: str) -> VerifySource:
+    """``--verify``: ``item`` (each item's own checks: an IFEval item's instructions as one
+    ``ifeval`` verifier), or a JSON list of verifier specs (inline or a file) used for every item."""
+    text = value.strip()
+    if text == "item":
+        return item_checks
+    raw = json.loads(text if text[:1] == "[" else Path(text).expanduser().read_text(encoding="utf-8"))
+    from strategies.verification import parse_verify
+
+    parse_verify(raw)  # StrategyError names the field
+    return lambda item: raw
+
+
+def item_checks(item: EvalItem) -> list[dict[str, Any]]:
+    """The checks an item carries: IFEval's instructions, checked like its scoring (strict)."""
+    if item.kind != "ifeval":
+        raise ValueError(f"--verify item: {item.kind} items carry no checks of their own (give a JSON list)")
+    instructions = [{"id": i, "kwargs": {k: v for k, v in (kw or {}).items() if v is not None}}
+                    for i, kw in zip(item.meta["instruction_id_list"], item.meta["kwargs"])]
+    return [{"type": "ifeval", "name": "ifeval", "instructions": instructions, "prompt": item.question}]
 
 
 def effective_params(setting: EvalSetting, item: EvalItem) -> dict[str, Any]:
@@ -149,7 +188,8 @@ class Outcome:
 class Solver(Protocol):
     mode: str
 
-    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any]) -> Outcome: ...
+    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any],
+                    verify: list[dict[str, Any]] | None = None) -> Outcome: ...
 
 
 class InProcessSolver:
@@ -158,15 +198,23 @@ class InProcessSolver:
     mode = "in-process"
 
     def __init__(self, generator: Generator, *, model: str | None = None,
-                 budget: Budget = Budget(), limits: Limits | None = None) -> None:
+                 budget: Budget = Budget(), limits: Limits | None = None, verifiers: Any = None) -> None:
+        """``verifiers``: a ``service.verifiers.VerifierRegistry`` for settings with ``verify``."""
         self.generator, self.model = generator, model
-        self.budget, self.limits = budget, limits
+        self.budget, self.limits, self.verifiers = budget, limits, verifiers
 
-    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any]) -> Outcome:
+    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any],
+                    verify: list[dict[str, Any]] | None = None) -> Outcome:
         task = Task(prompt=item.prompt, messages=item.messages, model=self.model, max_tokens=item.max_tokens,
                     stop=tuple(item.stop))
+        verification = None
+        if verify:
+            if self.verifiers is None:
+                raise SolveError("this solver has no verifier registry for --verify")
+            verification = self.verifiers.build(verify, instruction=task.instruction)
         result = await run_strategy(setting.strategy, task, self.generator, params=params, use_cache=False,
-                                    budget=self.budget, limits=self.limits, model_id=self.model or "")
+                                    budget=self.budget, limits=self.limits, model_id=self.model or "",
+                                    verification=verification)
         return Outcome(answer=result.answer, usage=result.usage.as_dict(), trace_id=f"eval-{uuid.uuid4().hex[:20]}",
                        trace=result.trace, budget_limited=result.budget_limited, stop_reason=result.stop_reason,
                        model=self.model)
@@ -198,7 +246,8 @@ class HTTPSolver:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
 
-    def body(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any]) -> dict[str, Any]:
+    def body(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any],
+             verify: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         task = {"prompt": item.prompt} if item.prompt is not None else {"messages": list(item.messages or ())}
         body: dict[str, Any] = {
             "task": task,
@@ -210,6 +259,8 @@ class HTTPSolver:
         }
         if self.model:
             body["model"] = self.model
+        if verify:
+            body["verify"] = verify
         return body
 
     async def check(self) -> None:
@@ -221,8 +272,9 @@ class HTTPSolver:
         if response.status_code != 200:
             raise SolveError(f"ponder at {self.url}: /healthz answered {response.status_code}")
 
-    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any]) -> Outcome:
-        body = self.body(item, setting, params)
+    async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any],
+                    verify: list[dict[str, Any]] | None = None) -> Outcome:
+        body = self.body(item, setting, params, verify)
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -397,6 +449,7 @@ def make_record(item: EvalItem, setting: EvalSetting, params: dict[str, Any], ou
         "strategy": setting.strategy,
         "params": params,
         "budget_max_tokens": match_budget,
+        "verify": setting.verify,
     }
     if outcome is None:
         record.update({"answer": None, "extracted": None, "correct": None, "latency_s": round(latency_s, 4),
@@ -422,6 +475,10 @@ def make_record(item: EvalItem, setting: EvalSetting, params: dict[str, Any], ou
     })
     if score.details:
         record["scores"] = score.details
+    first_draws = [c for c in outcome.trace.get("candidates", ()) if isinstance(c, dict) and c.get("round") == 0
+                   and "passed" in c]
+    if first_draws:  # verified-bon: did any of the N first samples pass every check (oracle@N)?
+        record["oracle_pass"] = any(c["passed"] for c in first_draws)
     return record
 
 
@@ -436,11 +493,15 @@ async def run_eval(
     progress: Progress | None = None,
     save_traces: bool = True,
     max_consecutive_errors: int = 25,
+    verify_for: VerifySource | None = None,
 ) -> RunStats:
     """Run every (item, setting) pair not yet in ``OUT/results.jsonl``, appending one line per pair.
 
     ``match_budget`` is only recorded here; the solver enforces it (its ``Budget`` or REST budget).
-    Raises ``EvalAborted`` after ``max_consecutive_errors`` failures in a row (backend down)."""
+    Raises ``EvalAborted`` after ``max_consecutive_errors`` failures in a row (backend down).
+    Settings with ``verify`` get ``verify_for(item)`` as the request's checks."""
+    if verify_for is None and any(s.verify for s in settings):
+        raise ValueError("settings with verify need --verify (item, or a JSON list of verifier specs)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
@@ -465,7 +526,10 @@ async def run_eval(
             outcome, error = None, None
             try:
                 params = effective_params(setting, item)
-                outcome = await solver.solve(item, setting, params)
+                if setting.verify:
+                    outcome = await solver.solve(item, setting, params, verify_for(item))
+                else:
+                    outcome = await solver.solve(item, setting, params)
             except (StrategyError, SolveError) as exc:
                 error = str(exc)
             except Exception as exc:  # noqa: BLE001 — recorded, retried on resume
@@ -578,6 +642,12 @@ def main(args: argparse.Namespace, settings: Any) -> int:
             except ImportError:
                 raise SystemExit("ponder eval: IFEval scoring needs if-verifiable (pip install 'ponder[eval]')") from None
         eval_settings = load_settings(args.settings, limits=settings.limits)
+        verify_for = load_verify(args.verify) if args.verify else None
+        if verify_for is None and any(s.verify for s in eval_settings):
+            raise ValueError(f"settings {[s.label for s in eval_settings if s.verify]} need --verify")
+        if verify_for is not None:
+            for item in items:
+                verify_for(item)  # a source that does not fit the dataset fails here, not per pair
     except (ValueError, OSError, StrategyError) as exc:
         raise SystemExit(f"ponder eval: {exc}") from None
     if not items:
@@ -592,6 +662,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
         "match_budget": args.match_budget,
         "max_tokens": args.max_tokens,
         "dataset_spec": args.dataset,
+        "verify": args.verify,
         "mode": mode,
         "url": args.url,
     }
@@ -615,7 +686,7 @@ def main(args: argparse.Namespace, settings: Any) -> int:
                 await solver.check()
                 return await run_eval(items, eval_settings, solver, out, concurrency=args.concurrency,
                                       match_budget=args.match_budget, progress=progress,
-                                      save_traces=not args.no_traces)
+                                      save_traces=not args.no_traces, verify_for=verify_for)
             finally:
                 await solver.aclose()
         from ..runtime import Runtime
@@ -625,9 +696,10 @@ def main(args: argparse.Namespace, settings: Any) -> int:
             model = args.model or await runtime.backend.default_model()
             solver = InProcessSolver(runtime.backend, model=model,
                                      budget=settings.budget(max_tokens=args.match_budget, deadline_s=args.deadline_s),
-                                     limits=settings.limits)
+                                     limits=settings.limits, verifiers=runtime.verifiers)
             return await run_eval(items, eval_settings, solver, out, concurrency=args.concurrency,
-                                  match_budget=args.match_budget, progress=progress, save_traces=not args.no_traces)
+                                  match_budget=args.match_budget, progress=progress, save_traces=not args.no_traces,
+                                  verify_for=verify_for)
         finally:
             await runtime.stop()
 

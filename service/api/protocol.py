@@ -18,7 +18,8 @@ class BudgetIn(BaseModel):
 
     max_calls: int | None = Field(None, ge=1, description="Backend requests, over all internal calls.")
     max_tokens: int | None = Field(None, ge=16, description="Prompt + completion tokens, over all internal calls.")
-    deadline_s: float | None = Field(None, gt=0, description="Wall-clock seconds; the best answer so far is returned.")
+    deadline_s: float | None = Field(None, ge=1, description="Wall-clock seconds (at least 1: a shorter deadline "
+                                     "could only end in a timeout); the best answer so far is returned.")
 
 
 FORWARDED_FIELDS = frozenset({

@@ -3,7 +3,7 @@
 One aiohttp ``ClientSession`` per backend object (one per process in the service) over a
 tuned ``TCPConnector``: a connection limit equal to the concurrency bound, optional
 per-host limit, keep-alive below uvicorn's (so vLLM's) 5 s, a DNS cache, happy eyeballs;
-proxies from ``HTTP(S)_PROXY``/``NO_PROXY`` (``trust_env``), a custom CA bundle and a client
+proxies from ``HTTP(S)_PROXY``/``NO_PROXY`` (read once, at start), a custom CA bundle and a client
 certificate for https. Redirects are followed (at most ``MAX_REDIRECTS``), gzip/deflate
 bodies decoded, interim 1xx responses skipped, userinfo in a URL sent as basic auth and
 never shown (``Endpoint.url`` has none).
@@ -46,6 +46,7 @@ import logging
 import random
 import ssl
 import time
+import urllib.request
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -135,6 +136,22 @@ class Endpoint:
     in_flight: int = 0
     down_until: float = 0.0
     failures: int = 0
+    proxy: str | None = field(default=None, repr=False)
+    """From ``HTTP(S)_PROXY`` unless ``NO_PROXY`` exempts the host (looked up once: aiohttp's
+    ``trust_env`` does it, and a netrc lookup, in a thread for every request)."""
+    _urls: dict[str, URL] = field(default_factory=dict, repr=False)
+
+    def url_for(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self.base.with_path(self.base.path.rstrip("/") + path, encoded=False)
+        return url
+
+    def headers(self, *, json_body: bool) -> dict[str, str] | None:
+        headers = {"Content-Type": "application/json"} if json_body else {}
+        if self.auth is not None:
+            headers["Authorization"] = self.auth
+        return headers or None
 
     @classmethod
     def parse(cls, raw: str) -> "Endpoint":
@@ -145,7 +162,8 @@ class Endpoint:
         if url.user or url.password:
             auth = "Basic " + base64.b64encode(f"{url.user or ''}:{url.password or ''}".encode()).decode()
         base = url.with_user(None)
-        return cls(url=str(base), base=base, auth=auth)
+        proxy = None if base.host and urllib.request.proxy_bypass(base.host) else urllib.request.getproxies().get(base.scheme)
+        return cls(url=str(base), base=base, auth=auth, proxy=proxy)
 
     @property
     def healthy(self) -> bool:
@@ -268,7 +286,7 @@ class HTTPBackend:
                 keepalive_timeout=self.config.keepalive_s, ttl_dns_cache=int(self.config.dns_ttl_s) or None,
                 happy_eyeballs_delay=0.25, ssl=self._ssl)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout,
-                                                  trust_env=True, auto_decompress=True)
+                                                  auto_decompress=True)
         return self._session
 
     async def aclose(self) -> None:
@@ -322,12 +340,11 @@ class HTTPBackend:
             self._fanout_slots.release()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool,
-                    fanout: bool) -> tuple[aiohttp.ClientResponse | bytes, Endpoint]:
+                    fanout: bool) -> tuple[Any, Endpoint]:
         """Route and retry one request. ``stream``: return the response with its body unread
         (it holds a slot and counts in flight until ``_finish``), retries happening only
-        before it starts; else the complete body, checked to be JSON within the size cap."""
+        before it starts; else ``(body bytes, decoded JSON)``, read within the size cap."""
         data = None if body is None else json.dumps(body).encode()
-        content_type = {"Content-Type": "application/json"} if data is not None else {}
         idempotent = method == "GET"
         await self._acquire(fanout)
         self.retry_budget.record_call()
@@ -344,8 +361,8 @@ class HTTPBackend:
                 outcome = "failed"  # or "read" (body complete) or "streaming" (handed to the caller)
                 try:
                     response = await self.session.request(
-                        method, endpoint.base.with_path(endpoint.base.path.rstrip("/") + path, encoded=False),
-                        data=data, headers=_with_auth(content_type, endpoint), max_redirects=MAX_REDIRECTS)
+                        method, endpoint.url_for(path), data=data, headers=endpoint.headers(json_body=data is not None),
+                        proxy=endpoint.proxy, max_redirects=MAX_REDIRECTS)
                     if response.status < 400 and stream:
                         endpoint.mark_up()
                         outcome = "streaming"
@@ -354,12 +371,14 @@ class HTTPBackend:
                     content = await _read_capped(response, self.config.max_response_bytes)
                     outcome = "read"
                     if response.status < 400:
-                        if not _is_json(content):
+                        try:
+                            decoded = json.loads(content)
+                        except ValueError:  # JSONDecodeError and UnicodeDecodeError
                             raise BadResponse(f"backend {endpoint.url} answered HTTP {response.status} with a body "
                                               f"that is not JSON ({len(content)} bytes)",
-                                              public="the backend's answer was not complete JSON")
+                                              public="the backend's answer was not complete JSON") from None
                         endpoint.mark_up()
-                        return content, endpoint
+                        return (content, decoded), endpoint
                     retry_after = _retry_after(response)
                     status = response.status
                     error = UpstreamError(status, _json_or_text(content, status), retry_after=retry_after)
@@ -419,8 +438,8 @@ class HTTPBackend:
         ``fanout``: a strategy's internal call (it may not take the pass-through reserve).
         Raises ``UpstreamError`` (an error status), ``BackendTimeout`` (504),
         ``BadResponse`` (502) or ``BackendError`` (503)."""
-        content, _ = await self._call(method, path, body, stream=False, fanout=fanout)
-        return json.loads(content) if decode else content
+        (content, decoded), _ = await self._call(method, path, body, stream=False, fanout=fanout)
+        return decoded if decode else content
 
     @asynccontextmanager
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -496,8 +515,8 @@ class HTTPBackend:
         async def probe(endpoint: Endpoint) -> bool:
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT_S):
-                    async with self.session.get(endpoint.base.with_path(endpoint.base.path.rstrip("/") + "/health"),
-                                                headers=_with_auth({}, endpoint)) as response:
+                    async with self.session.get(endpoint.url_for("/health"), headers=endpoint.headers(json_body=False),
+                                                proxy=endpoint.proxy) as response:
                         await response.read()
                 ok = response.status == 200
             except (aiohttp.ClientError, TimeoutError):
@@ -538,12 +557,6 @@ def _token_logprobs(raw: Any, *, chat: bool) -> tuple[float, ...] | None:
     return tuple(v for v in values if v is not None)
 
 
-def _with_auth(headers: dict[str, str], endpoint: Endpoint) -> dict[str, str] | None:
-    if endpoint.auth is None:
-        return headers or None
-    return {**headers, "Authorization": endpoint.auth}
-
-
 def _ssl_context(config: BackendConfig) -> ssl.SSLContext:
     """For https endpoints: a verifying context: the system's CAs (``SSL_CERT_FILE`` honoured) or ``ca_bundle``,
     plus the client certificate for mutual TLS when given."""
@@ -574,14 +587,6 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
                                    "(PONDER_BACKEND_MAX_RESPONSE_BYTES; ask for fewer samples or logprobs)")
         parts.append(chunk)
     return b"".join(parts)
-
-
-def _is_json(content: bytes) -> bool:
-    try:
-        json.loads(content)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return False
-    return True
 
 
 async def _relay(response: aiohttp.ClientResponse, endpoint: Endpoint, read_timeout: float) -> AsyncIterator[bytes]:

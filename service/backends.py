@@ -25,7 +25,9 @@ behind a gateway, may still be generating: a retry would double the work), a bod
 (``GET``: ``/v1/models``) are idempotent by construction and are retried on timeouts and 504
 too. Every retry also needs the **retry budget** (``RetryBudget``): at most
 ``retry_budget_min + retry_budget_ratio × calls`` retries per sliding window, so an upstream
-503 storm costs about 1.2 calls per request instead of ``1 + max_retries``.
+503 storm costs about 1.2 calls per request instead of ``1 + max_retries`` once past the
+``retry_budget_min`` reserve (100 per 10 s window: Finagle's default of 10 a second, which
+lets a strategy's 5-30 calls ride out 30% faults at moderate load).
 
 Ejection: a refused connection takes the endpoint out of rotation at once (2 s, doubling
 per consecutive failure up to 30 s); 500/502, resets and broken bodies only after
@@ -234,7 +236,7 @@ class BackendConfig:
     max_response_bytes: int = 32 * 1024 * 1024
     retry_budget_ratio: float = 0.2
     retry_budget_window_s: float = 10.0
-    retry_budget_min: int = 10
+    retry_budget_min: int = 100
     eject_seconds: float = 2.0
     connections_per_host: int = 0
     """0: only the overall limit (``max_concurrency``)."""

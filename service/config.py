@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     backend_max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     backend_retry_budget_ratio: float = Field(0.2, ge=0)
     backend_retry_budget_window_s: float = Field(10.0, gt=0)
-    backend_retry_budget_min: int = Field(10, ge=0)
+    backend_retry_budget_min: int = Field(100, ge=0)
     backend_connections_per_host: int = Field(0, ge=0)
     backend_keepalive_s: float = Field(4.0, gt=0)
     backend_dns_ttl_s: float = Field(10.0, ge=0)

@@ -14,7 +14,8 @@ pipelines such as Self-Debugging, Chen et al., 2023, and LEVER, Ni et al., 2023)
    candidate, because the pool keeps every version.
 
 Needs a ``verify`` list (400 naming ``verify`` otherwise). Budget stops return the best
-candidate so far.
+candidate so far. A rewrite whose call fails for good is left out (``trace["failed_calls"]``);
+a round whose rewrites all fail ends the rounds.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ class VerifiedBestOfN(Strategy):
             if any(r.passed for r in reports):
                 break
             targets = self._targets(pool, reports, params.rewrites)
-            rewritten = await self._rewrite(ctx, params, [pool[i] for i in targets], [reports[i] for i in targets])
+            written = await self._rewrite(ctx, params, [pool[i] for i in targets], [reports[i] for i in targets])
+            targets = [i for i, choice in zip(targets, written) if choice is not None]
+            rewritten = [choice for choice in written if choice is not None]
+            if not rewritten:
+                rounds_trace.append({"round": round_, "rewrote": [], "passed": [], "stop": "every rewrite failed"})
+                break
             new_reports = await verification.check(ctx, [c.text for c in rewritten], stage=f"round {round_}")
             rounds_trace.append({"round": round_, "rewrote": targets, "passed": [r.passed for r in new_reports]})
             ctx.trace["candidates"] += [{"text": c.text, "round": round_, "from": i, **r.as_trace()}
@@ -83,8 +89,9 @@ class VerifiedBestOfN(Strategy):
 
     @staticmethod
     async def _rewrite(ctx: RunContext, params: VerifiedBoNParams, sources: list[Choice],
-                       reports: list[Report]) -> list[Choice]:
+                       reports: list[Report]) -> list[Choice | None]:
+        """One rewrite per source, all in one batch; None where the call failed."""
         requests = [ctx.task.refine_request(source.text, report.feedback, temperature=params.temperature,
                                             max_tokens=ctx.task.max_tokens or 512)
                     for source, report in zip(sources, reports)]
-        return [g.choices[0] for g in await ctx.generate(requests)]
+        return [None if g is None else g.choices[0] for g in await ctx.generate(requests, allow_partial=True)]

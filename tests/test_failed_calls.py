@@ -346,3 +346,33 @@ async def test_auto_leaves_a_failed_rewrite_out() -> None:
     rewrites = [row for row in result.trace["samples"] if "from" in row]
     assert len(rewrites) == 1 and rewrites[0]["from"] is not None
     assert_failures_reported(result, 1)
+
+
+# == verified-bon =======================================================================
+
+
+async def test_verified_bon_leaves_a_failed_rewrite_out_and_ends_when_every_rewrite_fails() -> None:
+    from strategies.verification import Verdict
+    from tests.scripted_verifiers import verification
+    from tests.test_verified_bon import script
+
+    def partial(text: str) -> Verdict:
+        return Verdict("fixed" in text, 1.0 if "fixed" in text else (0.6 if "close" in text else 0.1),
+                       "" if "fixed" in text else f"{text} is wrong")
+
+    def rewriting(response: str) -> Callable[[GenerationRequest], bool]:
+        return lambda r: (fields := match_template(r, prompts.REFINE)) is not None and fields["response"] == response
+
+    gen = ScriptedGenerator(failing(script(["far a", "close b", "far c", "close d"]), rewriting("close b")))
+    result = await run_strategy("verified-bon", MATH, gen, params={"n": 4, "rewrites": 2, "rounds": 3},
+                                verification=verification(partial))
+    assert result.trace["rounds"] == [{"round": 1, "rewrote": [3], "passed": [True]}]
+    assert result.answer == "close d fixed" and result.trace["passed"]
+    assert_failures_reported(result, 1)
+
+    gen = ScriptedGenerator(failing(script(["far a", "close b", "far c", "close d"]), is_refine))
+    result = await run_strategy("verified-bon", MATH, gen, params={"n": 4, "rewrites": 2, "rounds": 3},
+                                verification=verification(partial))
+    assert result.trace["rounds"] == [{"round": 1, "rewrote": [], "passed": [], "stop": "every rewrite failed"}]
+    assert result.answer == "close b" and not result.trace["passed"]
+    assert_failures_reported(result, 2)

@@ -248,6 +248,8 @@ class BackendConfig:
     client_key: str | None = None
     supports_seed: bool = True
     """False for engines that crash on per-request seeds (the vLLM CPU build)."""
+    supports_structured_outputs: bool = True
+    """vLLM's ``structured_outputs`` (constrained decoding); False for backends without it."""
     default_model: str | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
 
@@ -490,6 +492,8 @@ class HTTPBackend:
             body["seed"] = request.seed
         else:
             body.pop("seed", None)
+        if request.allowed_replies and self.config.supports_structured_outputs:
+            body["structured_outputs"] = {"choice": list(request.allowed_replies)}
         if request.is_chat:
             body["messages"] = list(request.messages)
             body.pop("prompt", None)

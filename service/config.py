@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     backend_max_retries: int = 3
     backend_max_concurrency: int = 256
     backend_supports_seed: bool = True
+    backend_structured_outputs: bool = Field(
+        True, description="Constrain verdicts and ratings with vLLM structured_outputs; false for backends without it.")
     backend_passthrough_reserve: float = Field(0.125, ge=0, lt=1)
     backend_queue_timeout_s: float = Field(30.0, gt=0)
     backend_max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)

@@ -65,6 +65,7 @@ class Runtime:
                 client_cert=_path(settings.backend_client_cert),
                 client_key=_path(settings.backend_client_key),
                 supports_seed=supports_seed,
+                supports_structured_outputs=settings.backend_structured_outputs,
                 default_model=model,
             )
         )

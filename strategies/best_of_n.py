@@ -71,7 +71,7 @@ class BestOfN(Strategy):
         requests = [
             ctx.task.aux_request(prompts.SCORE.format(task=ctx.task.conversation, response=text),
                                  n=params.judge_samples, temperature=0.0 if greedy else params.judge_temperature,
-                                 max_tokens=4)
+                                 max_tokens=4, allowed_replies=prompts.SCORE_REPLIES)
             for text in texts
         ]
         if not greedy:  # sampled ratings are never cached

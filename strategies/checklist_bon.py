@@ -136,7 +136,8 @@ class ChecklistBestOfN(Strategy):
         ``MISSING`` where the judgment call failed."""
         pairs = [(t, item) for t in texts for item in checklist]
         requests = [ctx.task.aux_request(prompts.JUDGE_ITEM.format(task=ctx.task.conversation, response=text, item=item),
-                                         temperature=0.0, max_tokens=3) for text, item in pairs]
+                                         temperature=0.0, max_tokens=3, allowed_replies=prompts.VERDICT_REPLIES)
+                    for text, item in pairs]
         replies = await ctx.cached_texts("judgment", requests, lambda: [
             cache_key(ctx.model_id, prompts.PROMPT_VERSION, "judge-item", ctx.task.identity, item, text)
             for text, item in pairs], whole=False, allow_partial=True)

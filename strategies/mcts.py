@@ -116,7 +116,7 @@ class LLMProblem:
         requests = [
             self.ctx.task.aux_request(template.format(task=self.ctx.task.conversation, response=text),
                                       n=self.params.value_samples, temperature=self.params.eval_temperature,
-                                      max_tokens=4)
+                                      max_tokens=4, allowed_replies=prompts.SCORE_REPLIES)
             for text in texts
         ]
         generations = await self.ctx.generate(requests, allow_partial=True)

@@ -188,6 +188,12 @@ _LEADING_SCORE_RE = re.compile(rf"\s*\**\s*({_NUMBER})\s*\**\s*(?:[.,;:)!]|\n|$)
 _RANGE_RE = re.compile(rf"{_NUMBER}\s*(?:-|–|to)\s*{_NUMBER}")
 
 
+# The replies a verdict or a 0-10 rating may be, for constrained decoding (``allowed_replies``);
+# with and without the leading space a completion-mode reply after the "Answer:" cue takes.
+VERDICT_REPLIES = ("YES", "NO", " YES", " NO")
+SCORE_REPLIES = tuple(f"{space}{i}" for space in ("", " ") for i in range(11))
+
+
 def parse_score(text: str, *, low: float = 0, high: float = 10) -> float | None:
     """A ``low``-``high`` rating in ``text``, normalised to [0, 1]; None when there is none.
 

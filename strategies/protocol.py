@@ -31,6 +31,10 @@ class GenerationRequest:
     model: str | None = None
     extra: tuple[tuple[str, Any], ...] = ()
     """Extra body fields passed through verbatim (tools, tool_choice, ...)."""
+    allowed_replies: tuple[str, ...] = ()
+    """When set, each sample is exactly one of these strings on backends that can constrain
+    decoding (vLLM ``structured_outputs.choice``); elsewhere the model answers freely and
+    the strategy's parser reads the reply."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -205,7 +205,8 @@ class SelfConsistency(Strategy):
     async def _select_consistent(self, ctx: RunContext, samples: list[Choice], fallback: Candidate) -> Candidate:
         texts = [s.text for s in samples]
         prompt = prompts.SELECT_CONSISTENT.format(task=ctx.task.conversation, responses=prompts.render_responses(texts))
-        request = ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8)
+        numbers = tuple(f"{space}{i + 1}" for space in ("", " ") for i in range(len(samples)))
+        request = ctx.task.aux_request(prompt, temperature=0.0, max_tokens=8, allowed_replies=numbers)
         key = cache_key(ctx.model_id, prompts.PROMPT_VERSION, "usc", ctx.task.identity, texts)
         reply = await ctx.cached_text("judgment", key, request, whole=False, allow_partial=True)
         if reply is None:  # the selection call failed: the vote decides

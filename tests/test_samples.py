@@ -147,3 +147,22 @@ async def test_adaptive_logprob_stops_when_no_weight_left_can_overtake() -> None
     result = await run_strategy("self-consistency", MATH, gen,
                                 params={"k": 6, "adaptive": True, "wave_size": 4, "weighting": "logprob"})
     assert result.trace["samples_used"] == 4 and result.trace["stop"] == "leader cannot be overtaken"
+
+
+@pytest.mark.engine
+async def test_sc_with_a_caller_seed_draws_distinct_samples_on_the_engine(engine) -> None:
+    """On the real vLLM CPU engine, with seeds honoured: k=6 as three n=2 requests. Before,
+    all three carried the caller's seed, so the engine returned the same two samples three
+    times (at most 2 distinct texts); now each request continues the seed sequence."""
+    from service.backends import BackendConfig, HTTPBackend
+
+    backend = HTTPBackend(BackendConfig(urls=[engine.url], supports_seed=True, default_model=engine.model_name))
+    task = Task(prompt="Write a random word:", seed=11, temperature=1.0, max_tokens=8)
+    try:
+        result = await run_strategy("self-consistency", task, backend,
+                                    params={"k": 6, "n_per_request": 2, "answer_format": "text"})
+        assert all((await backend.ready()).values())  # seeded batches do not crash this engine
+    finally:
+        await backend.aclose()
+    texts = [sample["text"] for sample in result.trace["samples"]]
+    assert len(texts) == 6 and len(set(texts)) > 2, texts

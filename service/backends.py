@@ -263,10 +263,11 @@ class HTTPBackend:
         self.config = config
         self.endpoints = [Endpoint.parse(u) for u in config.urls]
         headers = {name: header_value(f"header {name}", value) for name, value in config.extra_headers.items()}
-        if config.api_key and header_value("PONDER_BACKEND_API_KEY", config.api_key):
+        key = header_value("PONDER_BACKEND_API_KEY", config.api_key or "")
+        if key:
             if any(e.auth for e in self.endpoints):
                 raise ValueError("a backend URL carries credentials and PONDER_BACKEND_API_KEY is set: use one")
-            headers["Authorization"] = f"Bearer {header_value('PONDER_BACKEND_API_KEY', config.api_key)}"
+            headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
@@ -319,23 +320,22 @@ class HTTPBackend:
         """A concurrency slot (fan-out first takes one of its own share), waiting at most
         ``queue_timeout``."""
         semaphores = (self._fanout_slots, self._slots) if fanout else (self._slots,)
+        if not any(semaphore.locked() for semaphore in semaphores):
+            for semaphore in semaphores:  # free: taken without suspending (the per-call hot path)
+                await semaphore.acquire()
+            return
         taken: list[asyncio.Semaphore] = []
         try:
-            for semaphore in semaphores:
-                if semaphore.locked():
-                    async with asyncio.timeout(self.config.queue_timeout):
-                        await semaphore.acquire()
-                else:
+            async with asyncio.timeout(self.config.queue_timeout):
+                for semaphore in semaphores:
                     await semaphore.acquire()
-                taken.append(semaphore)
-        except TimeoutError:
+                    taken.append(semaphore)
+        except BaseException as exc:
             for semaphore in taken:
                 semaphore.release()
-            message = f"no backend slot free within {self.config.queue_timeout:g}s; retry later"
-            raise BackendError(message, retry_after=QUEUE_RETRY_AFTER_S, public=message) from None
-        except BaseException:
-            for semaphore in taken:
-                semaphore.release()
+            if isinstance(exc, TimeoutError):
+                message = f"no backend slot free within {self.config.queue_timeout:g}s; retry later"
+                raise BackendError(message, retry_after=QUEUE_RETRY_AFTER_S, public=message) from None
             raise
 
     def _release(self, fanout: bool) -> None:

@@ -290,8 +290,9 @@ class HTTPBackend:
                 limit=self.config.max_concurrency, limit_per_host=self.config.connections_per_host,
                 keepalive_timeout=self.config.keepalive_s, ttl_dns_cache=int(self.config.dns_ttl_s) or None,
                 happy_eyeballs_delay=0.25, ssl=self._ssl)
+            # No cookie jar: a backend sets no cookies, and the jar's filtering costs every request.
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout,
-                                                  auto_decompress=True)
+                                                  auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def aclose(self) -> None:

@@ -46,8 +46,9 @@ draft or no final completion, the error is raised.
 With ``verify`` (refine mode): a node's reward is its mean verifier score (one per visit,
 no full-score suppression), the failing checks' feedback joins each critique in the
 rewrite prompt, the search stops as soon as an answer passes every check, and the answer
-is the node with the best verifier report (then the highest Q'). Steps mode ignores
-``verify`` for its partial solutions.
+is the node with the best verifier report (then the highest Q'). Steps mode does not
+verify partial solutions; it picks among the finished ones with ``verification.pick``
+(passing ones first, then the highest mean value).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from . import prompts
 from .base import BudgetExhausted, Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
 from .protocol import Choice, GenerationRequest
 from .search import MCTS, MCTSr, Node, RewardNode, tree_trace
-from .verification import Report, with_feedback
+from .verification import Report, pick, with_feedback
 
 
 class _Passed(Exception):
@@ -336,7 +337,13 @@ class MonteCarloTreeSearch(Strategy):
             ctx.trace["tree"] = tree_trace(root, lambda s: {"text": s.text, "done": s.done})
         if ctx.interrupted:
             return ctx.best
-        if any(finished(n) for n in root.walk()):
+        solutions = [n for n in root.walk() if finished(n)]
+        if solutions and ctx.verification:  # the finished solutions, passing ones first (verification.pick)
+            reports = await ctx.verification.check(ctx, [n.state.text for n in solutions])
+            own = solutions.index(tree.best_node(root, finished))
+            chosen = solutions[pick(ctx, reports, lambda i: solutions[i].q, own)]
+            state = chosen.state
+        elif solutions:
             chosen = tree.best_node(root, finished)
             state = chosen.state
         else:

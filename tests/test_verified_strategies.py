@@ -160,3 +160,16 @@ async def test_the_baseline_reports_its_answer_verdicts() -> None:
     result = await run_strategy("none", MATH, gen, verification=verification(lambda t: False))
     assert result.answer == "plain answer" and result.trace["verification"]["passed"] is False
     assert result.trace["verification"]["verdicts"]["check0"]["feedback"] == "check0 fails"
+
+
+async def test_mcts_steps_picks_a_passing_finished_solution() -> None:
+    def respond(request: GenerationRequest, i: int) -> str:
+        if match_template(request, prompts.STEP_SCORE) is not None:
+            return " 9" if i == 0 else " 8"
+        return ["The answer is 41.", "The answer is 42."][i]
+
+    gen = ScriptedGenerator(respond)
+    result = await run_strategy("mcts", MATH, gen, params={"mode": "steps", "simulations": 1, "branching": 2},
+                                verification=verification(lambda t: "42" in t))
+    assert result.answer == "The answer is 42."
+    assert result.trace["verification"]["passed"] and result.trace["verification"]["overrode"]

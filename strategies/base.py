@@ -640,10 +640,11 @@ class RunContext:
                 if ran:
                     value, hit = cut.value, False
                     break
-            except Exception:
-                # A concurrent identical run led the shared computation and it failed, ran
-                # out of *its* budget or was cut short by it: not this run's to inherit.
-                # Ask again (join or lead anew).
+                # A concurrent identical run led and its value was cut short (by its own
+                # budget, perhaps): not this run's to inherit. Ask again (join or lead anew).
+            except BudgetExhausted:
+                # The leader ran out of *its* budget: likewise not this run's to inherit.
+                # (A failed backend call is: the same call would fail again, so it raises.)
                 if ran:
                     raise
         if hit:

@@ -376,3 +376,21 @@ async def test_verified_bon_leaves_a_failed_rewrite_out_and_ends_when_every_rewr
     assert result.trace["rounds"] == [{"round": 1, "rewrote": [], "passed": [], "stop": "every rewrite failed"}]
     assert result.answer == "close b" and not result.trace["passed"]
     assert_failures_reported(result, 2)
+
+
+async def test_runs_waiting_on_a_shared_computation_that_failed_do_not_repeat_the_call() -> None:
+    import asyncio
+
+    from service.cache import MemoryCache
+
+    cache = MemoryCache(100, {"checklist": 60, "critique": 60, "judgment": 60, "run": 60})
+    def respond(request: GenerationRequest, i: int) -> str:
+        return " YES" if is_judge(request) else CANDIDATES[i]
+
+    gen = ScriptedGenerator(failing(respond, is_checklist), delay=0.02)
+    first, second = await asyncio.gather(*(run_strategy("checklist-bon", POEM, gen, params={"n": 4}, cache=cache)
+                                           for _ in range(2)))
+    assert len(gen.requests_where(is_checklist)) == 1  # the waiter took the leader's failure
+    for result in (first, second):
+        assert_failures_reported(result, 1)
+        assert result.trace["checklist"][0]["item"].startswith("Does the response fully follow the instruction")

@@ -2,8 +2,8 @@
 
 Starts the mock backend (``harness.MOCK_TIMING``: one simulated GPU whose per-token time grows
 with the sequences it serves) and ``ponder serve``, each a subprocess on a free loopback port.
-Per setting of ``PONDER_MAX_CONCURRENT_RUNS`` (``--max-runs``, the per-key bound set equal, as
-every flood request comes from one address):
+Per setting of ``PONDER_MAX_CONCURRENT_RUNS`` (``--max-runs``; no API keys, so the per-key
+bound does not apply):
 
 1. unloaded: the victim, one client sending ``--victim`` sequential pass-through chat requests;
 2. flood: 300 ``POST /v1/runs`` (self-consistency k=8) at once, then ``--flood-workers``
@@ -82,7 +82,7 @@ async def flood_and_victim(url: str, workers: int, victim_requests: int) -> dict
 
 
 def measure(max_runs: int, args: argparse.Namespace, mock: harness.Server, out_dir) -> dict[str, Any]:
-    env = {"PONDER_MAX_CONCURRENT_RUNS": str(max_runs), "PONDER_MAX_CONCURRENT_RUNS_PER_KEY": str(max_runs)}
+    env = {"PONDER_MAX_CONCURRENT_RUNS": str(max_runs)}
     with harness.ponder_server(mock.url, env=env, log_dir=out_dir) as ponder:
         asyncio.run(victim(ponder.url, 3))  # warm up connections and code paths
         unloaded = asyncio.run(victim(ponder.url, args.victim))

@@ -237,3 +237,21 @@ def test_metrics_move(http, engine):
 def test_readyz(http):
     body = http.get("/readyz").json()
     assert body["status"] == "ready" and all(body["backends"])
+
+
+def test_budget_holds_against_the_real_tokenizer(http):
+    """The token budget is booked with a prompt estimate made without a tokenizer (bytes / 3,
+    calibrated on the engine's counts): against the real engine's counts, a concurrent fan-out
+    spends no more than its budget and says it was limited."""
+    task = ("Write a short, friendly note to a neighbour who has helped you carry groceries, "
+            "thanking them and offering to return the favour. ") * 4
+    body = {"task": {"messages": [{"role": "user", "content": task}]}, "strategy": "checklist-bon",
+            "params": {"n": 4, "max_items": 3, "checklist_max_tokens": 64}, "sampling": {"max_tokens": 48},
+            "budget": {"max_tokens": 700}, "cache": False}
+    reply = http.post("/v1/solve", json=body)
+    assert reply.status_code == 200, reply.text
+    result = reply.json()
+    assert result["usage"]["total_tokens"] <= 700 and result["budget_limited"] is True
+    assert result["answer"]
+    too_small = http.post("/v1/solve", json={**body, "budget": {"max_tokens": 40}})
+    assert too_small.status_code == 400 and too_small.json()["error"]["param"] == "budget.max_tokens"

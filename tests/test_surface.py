@@ -384,3 +384,20 @@ async def test_run_records_are_saved_throttled_bounded_and_leave_memory(monkeypa
     await asyncio.sleep(0.1)
     assert record["id"] not in manager.local  # gone from memory; the cache store still answers
     assert (await manager.get(record["id"]))["status"] == "succeeded"
+
+
+def test_admission_without_keys_applies_the_global_bound_only() -> None:
+    from service.api.admission import Admission
+    from service.api.errors import APIError
+
+    admission = Admission(max_runs=4, max_runs_per_client=1, retry_after_s=1)
+    slots = [admission.acquire(None) for _ in range(4)]  # no keys: nobody to tell apart
+    with pytest.raises(APIError) as refused:
+        admission.acquire(None)
+    assert refused.value.status_code == 429 and refused.value.headers == {"Retry-After": "1"}
+    slots[0].release()
+    slots[0].release()  # idempotent: gives back one slot, once
+    assert admission.in_flight == 3
+    admission.acquire("principal")
+    with pytest.raises(APIError):
+        admission.acquire(None)

@@ -43,10 +43,3 @@ async def require_key_for_metrics(request: Request) -> None:
         _check(request)
 
 
-def client_identity(request: Request) -> str:
-    """Whom per-client limits count against: the API key's principal, or without auth,
-    the client's address."""
-    principal = getattr(request.state, "principal", None)
-    if principal is not None:
-        return principal
-    return f"addr:{request.client.host if request.client else 'unknown'}"

@@ -25,7 +25,6 @@ from strategies.base import BudgetLedger, BudgetTooSmall, StrategyError, gather_
 
 from ..backends import BackendError, BackendTimeout
 from .admission import Slot
-from .auth import client_identity
 from .errors import error_body, failure_body
 from .protocol import ChatCompletionRequest, OpenAIRequest, check_request
 from .serving import StrategyRunner, cancel_on_disconnect, new_id
@@ -66,7 +65,7 @@ class OpenAIServing:
         _refuse_logprobs(body)
         task = self._task(body, model, chat=chat)
         budget = self.runner.affordable_budget(task, body.budget)
-        slot = request.app.state.admission.acquire(client_identity(request), weight=body.n)
+        slot = request.app.state.admission.acquire(request.state.principal, weight=body.n)
         if body.stream:
             return StreamingResponse(self._stream_strategy(body, strategy, task, budget, slot, chat=chat),
                                      media_type="text/event-stream", headers=SSE_HEADERS,

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from strategies import strategies
 
-from .auth import client_identity, require_api_key
+from .auth import require_api_key
 from .errors import APIError
 from .openai_serving import SSE_HEADERS
 from .protocol import ChatCompletionRequest, CompletionRequest, SolveRequest, SolveResponse, check_request
@@ -36,7 +36,7 @@ async def solve(body: SolveRequest, request: Request) -> SolveResponse:
     runner = request.app.state.runner
     check_request(body, runner.settings)
     task, budget = await runner.prepare(body)
-    slot = request.app.state.admission.acquire(client_identity(request))
+    slot = request.app.state.admission.acquire(request.state.principal)
     try:
         return await cancel_on_disconnect(request, runner.solve(body, task, budget))
     finally:
@@ -57,7 +57,7 @@ async def create_run(body: SolveRequest, request: Request) -> JSONResponse:
     check_request(body, request.app.state.runner.settings)
     record = await request.app.state.runs.create(body, owner=request.state.principal,
                                                  admit=lambda: request.app.state.admission.acquire(
-                                                     client_identity(request)))
+                                                     request.state.principal))
     return JSONResponse(_public(record), status_code=202, headers={"Location": f"/v1/runs/{record['id']}"})
 
 

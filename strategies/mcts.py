@@ -73,13 +73,15 @@ class _Passed(Exception):
 class MCTSParams(StrategyParams):
     mode: Literal["refine", "steps"] = "refine"
     simulations: int = Field(4, ge=1, le=256, json_schema_extra={"limit": "simulations"})
-    branching: int = Field(2, ge=1, le=16, description="Children per expansion.", json_schema_extra={"limit": "branching"})
+    branching: int = Field(2, ge=1, le=16, description="Children per expansion (refine: also the children a node "
+                           "needs to count as fully expanded).", json_schema_extra={"limit": "branching"})
     parallel: int = Field(1, ge=1, le=16, description="Leaves expanded concurrently per iteration "
                           "(virtual loss): same calls, fewer sequential rounds.",
                           json_schema_extra={"limit": "branching"})
     max_depth: int = Field(4, ge=1, le=32, json_schema_extra={"limit": "depth"})
     exploration: float = Field(1.0, ge=0, le=10, description="UCT exploration constant c.")
-    value_samples: int = Field(2, ge=1, le=16, description="Self-evaluations per node (r).",
+    value_samples: int = Field(2, ge=1, le=16, description="Self-evaluations per visit (refine: rewards sampled "
+                               "each time a node is valued or selected; steps: per node).",
                                json_schema_extra={"limit": "samples"})
     value: Literal["self_eval", "rollout"] = Field("self_eval", description="steps mode: how nodes are valued.")
     temperature: float = Field(0.8, ge=0, le=2)

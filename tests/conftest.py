@@ -74,7 +74,8 @@ ENGINE_LOG = "/tmp/ponder-test-engine.log"
 
 @pytest.fixture(scope="session")
 async def engine():
-    """The embedded vLLM CPU engine serving Gemma 3 270M (prepared and cached by `make setup`)."""
+    """The embedded vLLM CPU engine serving PONDER_EMBEDDED_MODEL (default SmolLM2-135M-Instruct,
+    prepared and cached by `make setup`); tests read its model id from ``engine.model_name``."""
     from service.config import Settings
     from service.engine import EmbeddedEngine
 

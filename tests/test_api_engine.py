@@ -18,6 +18,9 @@ pytestmark = pytest.mark.engine
 
 API_KEY = "test-key-123"
 FEW_SHOT = "2+3=5\n4+4=8\n7+1=8\n6+3=9\n5+2="
+QUESTION = [{"role": "user", "content": "Tom has 3 apples and buys 2 more. How many apples does he have?"}]
+# Generous: on a loaded 2-core machine one strategy run can take minutes; no test asserts on time.
+CLIENT_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +33,13 @@ def ponder(engine, redis_url):
 
 @pytest.fixture(scope="module")
 def client(ponder):
-    return openai.OpenAI(base_url=ponder.url + "/v1", api_key=API_KEY, max_retries=0)
+    return openai.OpenAI(base_url=ponder.url + "/v1", api_key=API_KEY, max_retries=0, timeout=CLIENT_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def http(ponder):
-    with httpx.Client(base_url=ponder.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+    with httpx.Client(base_url=ponder.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=CLIENT_TIMEOUT_S) as c:
         yield c
 
 
@@ -56,7 +60,8 @@ def test_sdk_completion_stream_passthrough(client, engine):
 
 
 async def test_sdk_async_with_strategy_in_extra_body(ponder, engine):
-    async with openai.AsyncOpenAI(base_url=ponder.url + "/v1", api_key=API_KEY, max_retries=0) as aclient:
+    async with openai.AsyncOpenAI(base_url=ponder.url + "/v1", api_key=API_KEY, max_retries=0,
+                                  timeout=CLIENT_TIMEOUT_S) as aclient:
         reply = await aclient.completions.create(
             model=engine.model_name, prompt=FEW_SHOT, max_tokens=4, stop=["\n"],
             extra_body={"strategy": "self-consistency", "strategy_params": {"k": 4, "answer_format": "first_number"}},
@@ -118,8 +123,8 @@ def test_sdk_bad_api_key_is_401(ponder, engine):
 
 
 def test_solve_every_strategy_end_to_end(http, engine):
-    """Each strategy completes on the real engine; its usage matches what the engine itself
-    counted; the trace has its documented shape."""
+    """Each strategy completes a chat task on the real engine; its usage matches what the engine
+    itself counted; the trace has its documented shape."""
     cases = {
         "none": ({}, {"samples"}),
         "self-consistency": ({"k": 3, "answer_format": "first_number"}, {"votes", "samples", "samples_used"}),
@@ -132,8 +137,8 @@ def test_solve_every_strategy_end_to_end(http, engine):
         prompt_before = engine_metric(engine, "vllm:prompt_tokens_total")
         generated_before = engine_metric(engine, "vllm:generation_tokens_total")
         response = http.post("/v1/solve", json={
-            "task": {"prompt": FEW_SHOT}, "strategy": strategy, "params": params,
-            "sampling": {"max_tokens": 8, "stop": ["\n"]},
+            "task": {"messages": QUESTION}, "strategy": strategy, "params": params,
+            "sampling": {"max_tokens": 8},
         })
         assert response.status_code == 200, (strategy, response.text)
         body = response.json()

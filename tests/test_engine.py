@@ -1,4 +1,5 @@
-"""The HTTP backend against the real vLLM CPU engine (Gemma 3 270M, embedded default)."""
+"""The HTTP backend against the real vLLM CPU engine (the embedded model: SmolLM2-135M-Instruct
+by default, Gemma 3 270M base with PONDER_EMBEDDED_MODEL=gemma-3-270m). Assertions hold for either."""
 
 from __future__ import annotations
 
@@ -22,22 +23,24 @@ async def test_completion_n4_is_one_request_with_distinct_choices(engine_backend
     assert 4 <= generation.completion_tokens <= 4 * 16
 
 
-async def test_few_shot_completion_with_stop_and_bos(engine_backend):
+async def test_few_shot_completion_with_stop_and_bos(engine_backend, engine):
     request = GenerationRequest(prompt=FEW_SHOT, temperature=0.0, max_tokens=8, stop=("\n",))
     (generation,) = await engine_backend.generate([request])
     (choice,) = generation.choices
     assert "\n" not in choice.text
     assert choice.finish_reason == "stop"
     assert choice.stop_reason == "\n"
-    # Greedy few-shot arithmetic answers with a number (the 270M base model is often wrong).
+    # Greedy few-shot arithmetic answers with a number (small models are often wrong).
     assert choice.text.strip().isdigit(), choice.text
-    # The converted tokenizer prepends <bos> on /v1/completions (without it output is near-random).
+    # <bos> on /v1/completions exactly as the recipe says (Gemma is near-random without it).
     from transformers import AutoTokenizer
 
     from service.model_prep import prepared_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(prepared_model_dir())
-    assert generation.prompt_tokens == len(tokenizer(FEW_SHOT, add_special_tokens=False).input_ids) + 1
+    recipe = engine.settings.embedded_recipe
+    tokenizer = AutoTokenizer.from_pretrained(prepared_model_dir(recipe, engine.settings.model_cache_dir))
+    plain = len(tokenizer(FEW_SHOT, add_special_tokens=False).input_ids)
+    assert generation.prompt_tokens == plain + int(recipe.add_bos_token)
 
 
 async def test_chat_completion_and_usage(engine_backend):
@@ -47,6 +50,20 @@ async def test_chat_completion_and_usage(engine_backend):
     assert choice.message is not None and choice.message["role"] == "assistant"
     assert generation.prompt_tokens > 5
     assert 0 < generation.completion_tokens <= 12
+
+
+async def test_chat_answer_ends_at_end_of_turn(engine_backend, engine):
+    """The recipe's chat template and EOS ids: an instruction-tuned model's answer stops by
+    itself (not at max_tokens), and the end-of-turn token is not part of the text."""
+    if not engine.settings.embedded_recipe.instruct:
+        pytest.skip("a base model does not end its turns")
+    request = GenerationRequest(messages=({"role": "user", "content": "What is the capital of France?"},),
+                                temperature=0.0, max_tokens=96)
+    (generation,) = await engine_backend.generate([request])
+    (choice,) = generation.choices
+    assert choice.finish_reason == "stop", choice
+    assert choice.text.strip() and "<|im_end|>" not in choice.text and "<|im_start|>" not in choice.text
+    assert generation.completion_tokens < 96
 
 
 async def test_batch_with_seeds_does_not_crash_the_engine(engine_backend):

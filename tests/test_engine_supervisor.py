@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -12,11 +13,16 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.engine import EmbeddedEngine, EngineError
+from service.engine import ENGINE_ENV_DEFAULTS, EmbeddedEngine, EngineError
 
-# A tiny server that answers /health after a short start-up delay, like vLLM does.
+# A tiny server that answers /health after a short start-up delay, like vLLM does, and
+# logs start-up phases the way vLLM's processes do.
 STAND_IN = """
 import http.server, sys, time
+print("(EngineCore pid=1) INFO 11-30 12:00:00 [core.py:1] Initializing a V1 LLM engine", flush=True)
+print("(Worker pid=2) INFO 11-30 12:00:01 [cpu_model_runner.py:87] Warming up model for the compilation...",
+      flush=True)
+print("(EngineCore pid=1) INFO 11-30 12:00:02 [shm_broadcast.py:871] No available shared memory block", flush=True)
 time.sleep(float(sys.argv[2]))
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -31,13 +37,14 @@ class StandInEngine(EmbeddedEngine):
         super().__init__(settings)
         self.startup_delay = startup_delay
         self.exit_code = exit_code
+        self.exit_message = ""
 
     async def prepare(self) -> Path:
         return Path("/nonexistent-model")
 
     def command(self, model_dir: Path) -> list[str]:
         if self.exit_code is not None:
-            return [sys.executable, "-c", f"raise SystemExit({self.exit_code})"]
+            return [sys.executable, "-c", f"print({self.exit_message!r}); raise SystemExit({self.exit_code})"]
         return [sys.executable, "-c", STAND_IN, str(self.port), str(self.startup_delay)]
 
 
@@ -67,10 +74,38 @@ async def test_waits_for_health_restarts_after_death_and_stops():
     assert not engine.alive and not await healthy(engine.url)
 
 
+async def test_start_logs_the_engines_phases_as_progress(caplog, tmp_path):
+    log_path = tmp_path / "engine.log"
+    engine = StandInEngine(Settings(), startup_delay=0.5)
+    engine.log_path = log_path
+    with caplog.at_level(logging.INFO, logger="ponder.engine"):
+        await engine.start()
+    try:
+        progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine [")]
+        assert any(m.endswith("Warming up model for the compilation...") for m in progress), progress
+        assert not any("shm_broadcast" in m or "Initializing" in m for m in progress), progress
+        assert "Initializing a V1 LLM engine" in log_path.read_text()  # the whole output still goes to the log
+    finally:
+        await engine.stop()
+
+
 async def test_start_fails_clearly_when_the_engine_exits():
     engine = StandInEngine(Settings(), exit_code=3)
-    with pytest.raises(EngineError, match="exited with code 3"):
+    engine.exit_message = "ValueError: the model is broken"
+    with pytest.raises(EngineError, match="(?s)exited with code 3.*the model is broken"):
         await engine.start()
+
+
+def test_engine_environment_defaults_yield_to_the_callers(monkeypatch, tmp_path):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    settings = Settings(model_cache_dir=tmp_path / "models")
+    env = EmbeddedEngine(settings).environment()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == ENGINE_ENV_DEFAULTS["VLLM_CPU_KVCACHE_SPACE"]
+    # the compile caches live beside the models, so a second start reuses the first's kernels
+    assert env["VLLM_CACHE_ROOT"].startswith(str(tmp_path)) and env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert EmbeddedEngine(settings).environment()["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert EmbeddedEngine(settings, env={"VLLM_CPU_KVCACHE_SPACE": "2"}).environment()["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
 async def test_start_times_out():

@@ -62,6 +62,14 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "2-threads-eager": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
                         ["--enforce-eager"]),
     "seqs-32": ({}, ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048"]),
+    # The worker inside the EngineCore process (no shared-memory polling between them).
+    "uniproc-eager": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, ["--enforce-eager"]),
+    "uniproc-2t-eager": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}, ["--enforce-eager"]),
+    # float32 compute: without AVX-512 (BF16) torch's bf16 matmuls are ~10x slower than fp32.
+    "fp32": ({}, ["--dtype", "float32"]),
+    "fp32-eager": ({}, ["--dtype", "float32", "--enforce-eager"]),
+    "fp32-2-threads-eager": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+                             ["--dtype", "float32", "--enforce-eager"]),
 }
 
 
@@ -259,4 +267,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     main()

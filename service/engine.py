@@ -54,9 +54,8 @@ ENGINE_ENV_DEFAULTS = {
 
 # Lines of the engine's log that mark start-up phases; the wait logs them as progress.
 PHASE_LINE = re.compile(
-    r"Resolved architecture|Starting to load model|Loading weights took|Warming up|compil|"
-    r"KV cache|init engine|Starting vLLM|Application startup complete|Error|Traceback",
-    re.IGNORECASE,
+    r"Resolved architecture|Starting to load model|Loading weights took|Warming up|[Cc]ompil|"
+    r"KV cache|init engine|Starting vLLM|Application startup complete| ERROR |^Traceback|^\w+Error: "
 )
 NOISE_LINE = re.compile(r"shm_broadcast|DeprecationWarning|warnings\.warn")
 VLLM_PREFIX = re.compile(r"^\((?:APIServer|EngineCore|Worker|VllmWorker)[^)]*\) (?:INFO|WARNING|ERROR) \S+ \S+ ")

@@ -19,7 +19,7 @@ Without ``--configs`` it starts the engine with the defaults (or uses ``--engine
 ``ponder serve`` in front of it, interleaving direct and proxied calls so drift hits both:
 generation tokens/s for the same 8 x n=4 load, and p50/p95 of small sequential requests.
 
-    .venv/bin/python -m loadtests.bench_engine --configs vllm-defaults,tuned
+    .venv/bin/python -m loadtests.bench_engine --configs vllm-defaults,tuned,compiled
     .venv/bin/python -m loadtests.bench_engine [--engine-url URL] [--requests 50]
 """
 
@@ -40,7 +40,7 @@ import httpx
 
 from loadtests.harness import background_cores, tree_pids
 from service.config import Settings
-from service.engine import EmbeddedEngine, free_port
+from service.engine import EmbeddedEngine, compute_dtype, free_port
 from service.model_prep import prepared_model_dir
 
 PROMPTS = [
@@ -51,25 +51,19 @@ PROMPTS = [
 N, MAX_TOKENS = 4, 64
 
 # Engine settings compared by --configs: environment and extra vLLM arguments, each on
-# top of ponder's defaults (service.engine.ENGINE_ENV_DEFAULTS). "" unsets a default.
+# top of ponder's defaults (service.engine: float32 without native bf16, --enforce-eager,
+# ENGINE_ENV_DEFAULTS). "" unsets a default.
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
-    # vLLM's own choices: KV cache = --gpu-memory-utilization of RAM, torch.compile, 1 OMP thread.
-    "vllm-defaults": ({"VLLM_CPU_KVCACHE_SPACE": ""}, []),
+    # What ponder ran before tuning = vLLM's own choices: bf16, torch.compile (inductor),
+    # KV cache = --gpu-memory-utilization of RAM, one OMP thread with the other core reserved.
+    "vllm-defaults": ({"VLLM_CPU_KVCACHE_SPACE": ""}, ["--dtype", "bfloat16", "--no-enforce-eager"]),
     "tuned": ({}, []),
-    "eager": ({}, ["--enforce-eager"]),
-    "dynamo-eager": ({"VLLM_CPU_CI_ENV": "1"}, []),
+    "bf16": ({}, ["--dtype", "bfloat16"]),
+    "compiled": ({}, ["--no-enforce-eager"]),
     "2-threads": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, []),
-    "2-threads-eager": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
-                        ["--enforce-eager"]),
-    "seqs-32": ({}, ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048"]),
     # The worker inside the EngineCore process (no shared-memory polling between them).
-    "uniproc-eager": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, ["--enforce-eager"]),
-    "uniproc-2t-eager": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}, ["--enforce-eager"]),
-    # float32 compute: without AVX-512 (BF16) torch's bf16 matmuls are ~10x slower than fp32.
-    "fp32": ({}, ["--dtype", "float32"]),
-    "fp32-eager": ({}, ["--dtype", "float32", "--enforce-eager"]),
-    "fp32-2-threads-eager": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
-                             ["--dtype", "float32", "--enforce-eager"]),
+    "uniproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, []),
+    "seqs-32": ({}, ["--max-num-seqs", "32"]),
 }
 
 
@@ -141,16 +135,19 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> tuple[float,
 async def compare_configs(names: list[str], rounds: int) -> None:
     settings = Settings()
     weights = prepared_model_dir(settings.embedded_recipe, settings.model_cache_dir) / "model.safetensors"
-    weight_gb = weights.stat().st_size / 1e9
+    bf16_gb = weights.stat().st_size / 1e9  # the prepared weights are bf16 on disk
     read_gbs, copy_gbs = memory_bandwidth_gbs()
-    step_bound = read_gbs / weight_gb  # decode steps/s if only the weight reads counted
-    print(f"model {settings.engine_model_name}: {weight_gb * 1000:.0f} MB of weights read per decode step")
+    print(f"model {settings.engine_model_name}: {bf16_gb * 1000:.0f} MB of bf16 weights ({2 * bf16_gb * 1000:.0f} MB "
+          "in float32), all read once per decode step")
     print(f"memory bandwidth (numpy, 1 thread): read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s (read+write)")
-    print(f"bound: {step_bound:.0f} decode steps/s -> n=1 >= {1000 / step_bound:.1f} ms/token; "
-          f"{len(PROMPTS) * N} sequences <= {step_bound * len(PROMPTS) * N:.0f} tokens/s")
+    for dtype, gb in (("bfloat16", bf16_gb), ("float32", 2 * bf16_gb)):
+        print(f"bound ({dtype}): {read_gbs / gb:.0f} decode steps/s -> n=1 >= {1000 * gb / read_gbs:.1f} ms/token; "
+              f"{len(PROMPTS) * N} sequences <= {read_gbs / gb * len(PROMPTS) * N:.0f} tokens/s")
     rows = []
     for name in names:
         env, args = CONFIGS[name]
+        dtype = args[args.index("--dtype") + 1] if "--dtype" in args else compute_dtype()
+        step_bound = read_gbs / (bf16_gb * (2 if dtype == "float32" else 1))  # decode steps/s, weight reads only
         config = settings.model_copy(update={"engine_extra_args": " ".join([settings.engine_extra_args, *args])})
         engine = EmbeddedEngine(config, log_path=Path(f"/tmp/ponder-bench-engine-{name}.log"), env=env)
         started = time.monotonic()
@@ -167,8 +164,8 @@ async def compare_configs(names: list[str], rounds: int) -> None:
             await engine.stop()
         tps = statistics.median(r[0] for r in runs)
         lat_s, lat_tokens = min(single)
-        rows.append((name, start_s, tps, lat_s, lat_tokens, pss, load))
-        print(f"\n[{name}] env={env} args={args}")
+        rows.append((name, start_s, tps, tps / (step_bound * len(PROMPTS) * N), lat_s, lat_tokens, pss, load))
+        print(f"\n[{name}] env={env} args={args} dtype={dtype}")
         print(f"  start {start_s:.0f}s; other load before measuring: {load:.2f} cores")
         for t, tokens, wall in runs:
             print(f"  8 chats x n=4 x 64: {t:6.1f} tok/s ({tokens} tokens in {wall:.1f}s)")
@@ -177,13 +174,13 @@ async def compare_configs(names: list[str], rounds: int) -> None:
         print(f"  engine PSS {pss:.0f} MiB")
     print("\n| config | start s | tok/s (8x4x64) | share of bound | n=1 64 tok ms | ms/token | PSS MiB | other load |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, start_s, tps, lat_s, lat_tokens, pss, load in rows:
-        print(f"| {name} | {start_s:.0f} | {tps:.1f} | {tps / (step_bound * len(PROMPTS) * N):.3f} | "
+    for name, start_s, tps, share, lat_s, lat_tokens, pss, load in rows:
+        print(f"| {name} | {start_s:.0f} | {tps:.1f} | {share:.3f} | "
               f"{lat_s * 1000:.0f} | {lat_s * 1000 / lat_tokens:.1f} | {pss:.0f} | {load:.2f} |")
     base = rows[0]
     for row in rows[1:]:
-        print(f"{row[0]} / {base[0]}: tokens/s x{row[2] / base[2]:.2f}, n=1 latency x{row[3] / base[3]:.2f}, "
-              f"PSS x{row[5] / base[5]:.2f}")
+        print(f"{row[0]} / {base[0]}: tokens/s x{row[2] / base[2]:.2f}, n=1 latency x{row[4] / base[4]:.2f}, "
+              f"PSS x{row[6] / base[6]:.2f}")
 
 
 async def ponder_vs_direct(args: argparse.Namespace) -> None:

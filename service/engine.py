@@ -61,6 +61,18 @@ NOISE_LINE = re.compile(r"shm_broadcast|DeprecationWarning|warnings\.warn")
 VLLM_PREFIX = re.compile(r"^\((?:APIServer|EngineCore|Worker|VllmWorker)[^)]*\) (?:INFO|WARNING|ERROR) \S+ \S+ ")
 
 
+def compute_dtype(cpuinfo: str | None = None) -> str:
+    """bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX), else float32: without
+    them torch's bf16 matmuls are ~10x slower than fp32 (measured: loadtests/bench_engine.py)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+    return "bfloat16" if flags else "float32"
+
+
 def compile_cache_dirs(model_cache_dir: Path | None) -> dict[str, str]:
     """Where vLLM's AOT-compile cache and torch inductor's kernel cache go: beside the
     prepared models (default ``~/.cache/ponder/compile``), kept across starts."""
@@ -113,7 +125,10 @@ class EmbeddedEngine:
             "--port", str(self.port),
             "--gpu-memory-utilization", "0.5",  # the CPU build's memory check fails at the default
             "--max-model-len", str(self.settings.engine_max_model_len),
-            "--dtype", "bfloat16",
+            "--dtype", compute_dtype(),
+            # torch.compile takes minutes per start on 2 cores and gained nothing measurable
+            # here; PONDER_ENGINE_EXTRA_ARGS="--no-enforce-eager" turns it back on.
+            "--enforce-eager",
             *shlex.split(self.settings.engine_extra_args),
         ]
 

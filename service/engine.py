@@ -109,9 +109,11 @@ class EmbeddedEngine:
         self._starting = False
 
     def environment(self) -> dict[str, str]:
-        """The engine's environment: tuned defaults < ``os.environ`` < this engine's overrides."""
+        """The engine's environment: tuned defaults < ``os.environ`` < the compile cache
+        directories (always ponder's: importing torch, as model preparation does, sets
+        ``TORCHINDUCTOR_CACHE_DIR`` in this process) < this engine's overrides."""
         return {
-            **ENGINE_ENV_DEFAULTS, **compile_cache_dirs(self.settings.model_cache_dir), **os.environ,
+            **ENGINE_ENV_DEFAULTS, **os.environ, **compile_cache_dirs(self.settings.model_cache_dir),
             "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             **self.env_overrides,
         }

@@ -98,6 +98,7 @@ async def test_start_fails_clearly_when_the_engine_exits():
 
 def test_engine_environment_defaults_yield_to_the_callers(monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_elsewhere")  # what importing torch does
     settings = Settings(model_cache_dir=tmp_path / "models")
     env = EmbeddedEngine(settings).environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == ENGINE_ENV_DEFAULTS["VLLM_CPU_KVCACHE_SPACE"]

@@ -209,6 +209,8 @@ def ponder_server(backend_url: str, *, log_dir: Path | None = None,
         "PONDER_LOG_LEVEL": "warning",
         "PONDER_REDIS_URL": "",
         "PONDER_API_KEYS": "",
+        # Throughput and overhead scripts measure ponder, not its admission bound (overload.py does).
+        "PONDER_MAX_CONCURRENT_RUNS": "100000",
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }

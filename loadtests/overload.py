@@ -6,7 +6,8 @@ Per setting of ``PONDER_MAX_CONCURRENT_RUNS`` (``--max-runs``; no API keys, so t
 bound does not apply):
 
 1. unloaded: the victim, one client sending ``--victim`` sequential pass-through chat requests;
-2. flood: 300 ``POST /v1/runs`` (self-consistency k=8) at once, then ``--flood-workers``
+2. flood: 300 ``POST /v1/runs`` (MCTS, ponder's defaults: each run lasts seconds) at once, then
+   ``--flood-workers``
    clients keep posting runs (a 429 is retried after 50 ms, ignoring ``Retry-After``: a client
    that does not back off) while the victim sends the same requests again.
 
@@ -32,7 +33,7 @@ import httpx
 
 from loadtests import harness
 
-RUN_BODY = harness.rest_body("self-consistency", {"k": 8})
+RUN_BODY = harness.rest_body("mcts")  # ponder's defaults: about 14 sequential rounds, seconds per run
 BURST = 300
 
 
@@ -107,7 +108,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-runs", default="8,32,100000", help="comma-separated PONDER_MAX_CONCURRENT_RUNS")
+    parser.add_argument("--max-runs", default="8,16,32,64,100000", help="comma-separated PONDER_MAX_CONCURRENT_RUNS")
     parser.add_argument("--victim", type=int, default=30, help="sequential pass-through requests per phase")
     parser.add_argument("--flood-workers", type=int, default=16)
     harness.add_run_args(parser)

@@ -401,3 +401,18 @@ def test_admission_without_keys_applies_the_global_bound_only() -> None:
     admission.acquire("principal")
     with pytest.raises(APIError):
         admission.acquire(None)
+
+
+def test_a_streamed_strategy_gives_its_slots_back_however_it_ends(served, http) -> None:
+    app, backend = served
+    body = {"model": "self-consistency:scripted", "prompt": "x", "n": 2, "stream": True,
+            "strategy_params": {"k": 1}}
+    with http.stream("POST", "/v1/completions", json=body, headers=A) as reply:
+        assert reply.status_code == 200 and [l for l in reply.iter_lines() if l][-1] == "data: [DONE]"
+    wait_idle(app)
+    backend.gate.clear()  # the client hangs up while the runs wait on the backend
+    with http.stream("POST", "/v1/completions", json=body, headers=A) as reply:
+        assert reply.status_code == 200
+        assert app_state(app).admission.in_flight == 2
+    wait_idle(app)  # given back on the hang-up, while the backend still holds the answers
+    backend.gate.set()

@@ -60,6 +60,8 @@ from yarl import URL
 from strategies.base import gather_or_cancel
 from strategies.protocol import Choice, Generation, GenerationRequest
 
+from . import metrics
+
 log = logging.getLogger("ponder.backend")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503})
@@ -172,6 +174,8 @@ class Endpoint:
         return time.monotonic() >= self.down_until
 
     def mark_down(self, seconds: float) -> None:
+        if self.healthy:
+            metrics.BACKEND_EJECTIONS.inc()
         self.failures += 1
         self.down_until = time.monotonic() + min(seconds * 2 ** min(self.failures - 1, 5), 30.0)
 
@@ -335,6 +339,7 @@ class HTTPBackend:
             for semaphore in taken:
                 semaphore.release()
             if isinstance(exc, TimeoutError):
+                metrics.BACKEND_QUEUE_TIMEOUTS.inc()
                 message = f"no backend slot free within {self.config.queue_timeout:g}s; retry later"
                 raise BackendError(message, retry_after=QUEUE_RETRY_AFTER_S, public=message) from None
             raise
@@ -417,8 +422,12 @@ class HTTPBackend:
                             else:  # a body not read to its end: close the connection (vLLM aborts)
                                 response.close()
                 log.warning("backend %s: %s (attempt %d)", endpoint.url, error, attempt + 1)
-                if last_attempt or not self.retry_budget.try_retry():
+                if last_attempt:
                     raise error
+                if not self.retry_budget.try_retry():
+                    metrics.BACKEND_RETRIES.labels("budget_spent").inc()
+                    raise error
+                metrics.BACKEND_RETRIES.labels("retried").inc()
                 await asyncio.sleep(self._backoff(attempt, retry_after))
             raise AssertionError("unreachable: the last attempt returns or raises")
         finally:

@@ -62,6 +62,13 @@ BACKEND_CALLS = Counter("ponder_backend_calls_total", "Backend generation reques
 
 TOKENS = Counter("ponder_tokens_total", "Tokens spent by strategies, over all internal calls.", ["strategy", "type"])
 
+BACKEND_RETRIES = Counter("ponder_backend_retries_total",
+                          "Failed backend attempts: retried, or not because the retry budget was spent.",
+                          ["outcome"])  # "retried" | "budget_spent"
+BACKEND_EJECTIONS = Counter("ponder_backend_ejections_total", "Backend servers taken out of rotation.")
+BACKEND_QUEUE_TIMEOUTS = Counter("ponder_backend_queue_timeouts_total",
+                                 "Requests answered 503 after waiting the queue deadline for a backend slot.")
+
 CLIENT_DISCONNECTS = Counter("ponder_client_disconnects_total", "Requests cancelled because the client went away.")
 
 ADMISSION_REFUSED = Counter("ponder_admission_refused_total",

@@ -7,6 +7,7 @@ import time
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.backends import BackendConfig, BackendError, BackendTimeout, HTTPBackend, UpstreamError
 from strategies.protocol import Generation, GenerationRequest, Generator
@@ -171,12 +172,14 @@ async def test_all_endpoints_down_raises_backend_error(make_backend):
 async def test_dead_endpoint_is_ejected_and_traffic_goes_to_live_one(fake, make_backend):
     dead = f"http://127.0.0.1:{free_port()}"
     backend = make_backend([dead, fake.url])
+    ejections = REGISTRY.get_sample_value("ponder_backend_ejections_total") or 0
     for i in range(10):
         [generation] = await backend.generate([chat(f"q{i}")])
         assert generation.choices[0].text == "a chat 0"
     dead_endpoint, live_endpoint = backend.endpoints
     assert not dead_endpoint.healthy
     assert dead_endpoint.failures == 1  # tried once, then skipped while ejected
+    assert REGISTRY.get_sample_value("ponder_backend_ejections_total") == ejections + 1
     assert live_endpoint.healthy
     assert len(fake.generation_requests) == 10
     assert [r.body["messages"][0]["content"] for r in fake.generation_requests] == [f"q{i}" for i in range(10)]

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from service.app import create_app
 from service.backends import BackendConfig, BackendError, HTTPBackend, UpstreamError
@@ -27,6 +28,10 @@ def upstream() -> Iterator[FaultyBackend]:
         yield faulty
 
 
+def retries(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ponder_backend_retries_total", {"outcome": outcome}) or 0.0
+
+
 def question(i: int = 0) -> GenerationRequest:
     return GenerationRequest(messages=({"role": "user", "content": f"What is 6 times {i}?"},), max_tokens=8)
 
@@ -36,6 +41,7 @@ async def test_the_retry_budget_bounds_a_503_storm(upstream):
     upstream.set_faults(**{"503": 1.0})
     backend = HTTPBackend(BackendConfig(urls=[upstream.url], default_model=MODEL, max_retries=3,
                                         retry_budget_ratio=0.2, retry_budget_min=5, retry_budget_window_s=60))
+    spent_before, retried_before = retries("budget_spent"), retries("retried")
     try:
         for i in range(50):
             with pytest.raises(UpstreamError) as info:
@@ -45,6 +51,9 @@ async def test_the_retry_budget_bounds_a_503_storm(upstream):
         await backend.aclose()
     assert upstream.calls <= 50 + 5 + 0.2 * 50  # instead of 200
     assert backend.retry_budget.refused > 0
+    # what /metrics shows: every retry, and every one the budget refused
+    assert retries("retried") - retried_before == upstream.calls - 50
+    assert retries("budget_spent") - spent_before == backend.retry_budget.refused
     # 503 is back-pressure from a live server: never ejected for it
     assert backend.endpoints[0].healthy
 
@@ -156,9 +165,11 @@ async def test_queue_deadline_on_the_backend_directly(upstream):
     try:
         holder = asyncio.create_task(backend.generate([question()]))
         await asyncio.sleep(0.1)
+        timeouts_before = REGISTRY.get_sample_value("ponder_backend_queue_timeouts_total") or 0
         with pytest.raises(BackendError) as info:
             await backend.generate([question(1)])
         assert info.value.status_code == 503 and info.value.retry_after == 1.0
+        assert REGISTRY.get_sample_value("ponder_backend_queue_timeouts_total") == timeouts_before + 1
         holder.cancel()
     finally:
         await backend.aclose()

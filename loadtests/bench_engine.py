@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import statistics
@@ -54,9 +55,12 @@ N, MAX_TOKENS = 4, 64
 # top of ponder's defaults (service.engine: float32 without native bf16, --enforce-eager,
 # ENGINE_ENV_DEFAULTS). "" unsets a default.
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
-    # What ponder ran before tuning = vLLM's own choices: bf16, torch.compile (inductor),
-    # KV cache = --gpu-memory-utilization of RAM, one OMP thread with the other core reserved.
-    "vllm-defaults": ({"VLLM_CPU_KVCACHE_SPACE": ""}, ["--dtype", "bfloat16", "--no-enforce-eager"]),
+    # What ponder ran before tuning = vLLM's own choices: bf16, torch.compile (inductor) with
+    # vLLM's and torch's default cache places, KV cache = --gpu-memory-utilization of RAM,
+    # one OMP thread with the other core reserved.
+    "vllm-defaults": ({"VLLM_CPU_KVCACHE_SPACE": "", "VLLM_CACHE_ROOT": str(Path.home() / ".cache" / "vllm"),
+                       "TORCHINDUCTOR_CACHE_DIR": f"/tmp/torchinductor_{getpass.getuser()}"},
+                      ["--dtype", "bfloat16", "--no-enforce-eager"]),
     "tuned": ({}, []),
     "bf16": ({}, ["--dtype", "bfloat16"]),
     "compiled": ({}, ["--no-enforce-eager"]),

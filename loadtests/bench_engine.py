@@ -11,9 +11,10 @@ one after the other in this one run, and for each prints
 4. the engine's memory: PSS summed over its process tree (RSS counts shared pages once per
    process), after the load;
 
-and, once, this machine's memory bandwidth (numpy: a sum reads, a copy reads and writes)
-and the bound it sets: a decode step reads every weight once, so a batch of B sequences
-can at best produce B x bandwidth / weight-bytes tokens/s.
+and, once, this machine's memory bandwidth (numpy: a sum reads, a copy reads and writes) and
+one thread's matmul GFLOP/s, and the bounds they set: a decode step of B sequences reads every
+weight once and does 2 x parameters x B FLOPs, so it produces at most
+min(B x bandwidth / weight-bytes, GFLOP/s / (2 x parameters)) tokens/s.
 
 Without ``--configs`` it starts the engine with the defaults (or uses ``--engine-url``) and
 ``ponder serve`` in front of it, interleaving direct and proxied calls so drift hits both:
@@ -136,6 +137,25 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> tuple[float,
     return max(read), max(copy)
 
 
+def matmul_gflops(dtype_name: str, size: int = 1024, repeats: int = 5) -> float:
+    """Best GFLOP/s of a square torch matmul on one thread (the engine's worker uses one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dtype = getattr(torch, dtype_name)
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        return 2 * size**3 / best / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
 async def compare_configs(names: list[str], rounds: int) -> None:
     settings = Settings()
     weights = prepared_model_dir(settings.embedded_recipe, settings.model_cache_dir) / "model.safetensors"
@@ -144,14 +164,20 @@ async def compare_configs(names: list[str], rounds: int) -> None:
     print(f"model {settings.engine_model_name}: {bf16_gb * 1000:.0f} MB of bf16 weights ({2 * bf16_gb * 1000:.0f} MB "
           "in float32), all read once per decode step")
     print(f"memory bandwidth (numpy, 1 thread): read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s (read+write)")
+    params = bf16_gb * 1e9 / 2
+    batch = len(PROMPTS) * N
+    bounds = {}
     for dtype, gb in (("bfloat16", bf16_gb), ("float32", 2 * bf16_gb)):
-        print(f"bound ({dtype}): {read_gbs / gb:.0f} decode steps/s -> n=1 >= {1000 * gb / read_gbs:.1f} ms/token; "
-              f"{len(PROMPTS) * N} sequences <= {read_gbs / gb * len(PROMPTS) * N:.0f} tokens/s")
+        gflops = matmul_gflops(dtype)
+        # a decode step of B sequences reads every weight once and does 2 x params x B FLOPs
+        bounds[dtype] = min(read_gbs / gb * batch, gflops * 1e9 / (2 * params))
+        print(f"bound ({dtype}): memory {read_gbs / gb:.0f} decode steps/s -> n=1 >= {1000 * gb / read_gbs:.1f} "
+              f"ms/token; matmul {gflops:.0f} GFLOP/s (1 thread) -> <= {gflops * 1e9 / (2 * params):.0f} tokens/s; "
+              f"{batch} sequences <= {bounds[dtype]:.0f} tokens/s")
     rows = []
     for name in names:
         env, args = CONFIGS[name]
         dtype = args[args.index("--dtype") + 1] if "--dtype" in args else compute_dtype()
-        step_bound = read_gbs / (bf16_gb * (2 if dtype == "float32" else 1))  # decode steps/s, weight reads only
         config = settings.model_copy(update={"engine_extra_args": " ".join([settings.engine_extra_args, *args])})
         engine = EmbeddedEngine(config, log_path=Path(f"/tmp/ponder-bench-engine-{name}.log"), env=env)
         started = time.monotonic()
@@ -168,7 +194,7 @@ async def compare_configs(names: list[str], rounds: int) -> None:
             await engine.stop()
         tps = statistics.median(r[0] for r in runs)
         lat_s, lat_tokens = min(single)
-        rows.append((name, start_s, tps, tps / (step_bound * len(PROMPTS) * N), lat_s, lat_tokens, pss, load))
+        rows.append((name, start_s, tps, tps / bounds[dtype], lat_s, lat_tokens, pss, load))
         print(f"\n[{name}] env={env} args={args} dtype={dtype}")
         print(f"  start {start_s:.0f}s; other load before measuring: {load:.2f} cores")
         for t, tokens, wall in runs:

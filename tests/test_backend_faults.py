@@ -142,6 +142,19 @@ async def test_a_stalled_stream_ends_with_an_error_event_and_done_by_the_deadlin
     assert elapsed < 2.5
 
 
+async def test_a_stream_that_never_starts_ends_by_the_deadline_with_504(upstream):
+    upstream.delay_s = 5  # nothing, not even the status line, for 5 s
+    with ponder(upstream) as served:
+        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+            started = time.monotonic()
+            response = await client.post("/v1/chat/completions",
+                                         json={**CHAT, "stream": True, "budget": {"deadline_s": 1}})
+            elapsed = time.monotonic() - started
+    error = assert_openai_error(response, 504)
+    assert "deadline" in error["message"] and elapsed < 2.5
+    assert upstream.calls == 1
+
+
 async def test_an_upstream_error_before_the_stream_starts_keeps_its_status(upstream):
     upstream.script("500", "500", "500", "500")
     with ponder(upstream) as served:

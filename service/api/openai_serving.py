@@ -11,6 +11,7 @@ as SSE comments, then the answer as chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -121,7 +122,9 @@ class OpenAIServing:
         status); later ones, and the deadline, end the stream with an error event and [DONE]."""
         started = False
         try:
-            async with self.backend.stream(path, payload) as chunks:
+            async with contextlib.AsyncExitStack() as stack:
+                async with asyncio.timeout_at(deadline):  # opening it (status and headers) too
+                    chunks = await stack.enter_async_context(self.backend.stream(path, payload))
                 iterator = aiter(chunks)
                 while True:
                     try:

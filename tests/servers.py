@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -65,3 +66,13 @@ class ServedApp:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    """The response has ``status`` and an OpenAI error body (naming ``param`` when given)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error

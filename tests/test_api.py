@@ -14,7 +14,7 @@ import pytest
 from loadtests.mock_backend import MockConfig, create_app as create_mock
 from service.app import create_app
 from service.config import Settings
-from tests.servers import ServedApp
+from tests.servers import ServedApp, assert_openai_error
 
 MODEL = "mock-model"
 
@@ -38,14 +38,6 @@ def http(ponder):
     with httpx.Client(base_url=ponder.url, timeout=30) as client:
         yield client
 
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 def test_malformed_json_is_400(http):

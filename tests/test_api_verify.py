@@ -12,8 +12,7 @@ import pytest
 from loadtests.mock_backend import MockConfig, create_app as create_mock
 from service.app import create_app
 from service.config import Settings
-from tests.servers import ServedApp
-from tests.test_api import assert_openai_error
+from tests.servers import ServedApp, assert_openai_error
 
 MODEL = "mock-model"
 ANYTHING = {"type": "regex", "pattern": r"\S", "name": "non-empty"}

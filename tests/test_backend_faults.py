@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from service.app import create_app
 from service.config import Settings
 from tests.faulty_backend import FaultyBackend
-from tests.servers import ServedApp
+from tests.servers import ServedApp, assert_openai_error
 
 MODEL = "mock-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is 6 times 7?"}], "max_tokens": 16}
@@ -39,12 +39,6 @@ def ponder(upstream: FaultyBackend, **settings: Any) -> Iterator[ServedApp]:
         served.backend = app.state.runtime.backend
         yield served
 
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 async def fire(url: str, body: dict[str, Any], *, requests: int = 20, concurrency: int = 4,

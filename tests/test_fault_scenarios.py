@@ -17,7 +17,7 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from tests.faulty_backend import FaultyBackend
-from tests.servers import ServedApp
+from tests.servers import ServedApp, assert_openai_error
 
 MODEL = "mock-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about cats."}],
@@ -58,12 +58,6 @@ def assert_answer(response: httpx.Response, strategy: str) -> dict[str, Any]:
     (run,) = body["ponder"]["runs"]
     return run
 
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 @pytest.mark.parametrize("fault", ["500", "429", "503", "reset", "truncated"])

@@ -8,7 +8,6 @@ must spend no more than its budget and say ``budget_limited`` when the budget bo
 
 from __future__ import annotations
 
-import asyncio
 from typing import Sequence
 
 import httpx

@@ -9,7 +9,6 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from service.app import create_app
 from service.config import Settings

@@ -19,7 +19,6 @@ from tests.scripted import (
     is_feedback,
     is_judge,
     is_refine,
-    is_score,
     is_select,
     is_step_score,
     is_task_sample,

@@ -26,6 +26,7 @@ from service.config import Settings
 from service.runtime import Runtime
 from strategies.protocol import Generation, GenerationRequest
 from tests.scripted import DictCache, ScriptedGenerator, request_text
+from tests.servers import assert_openai_error
 
 KEY_A, KEY_B = "key-a", "key-b"
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -100,14 +101,6 @@ def http(served):
         yield client
     backend.gate.set()
 
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 def wait_idle(app, timeout: float = 10) -> None:

@@ -474,8 +474,11 @@ class RunContext:
     def interrupt(self, error: Exception) -> None:
         """End the run early after a backend call failed for good, answering with the best
         answer so far: the error goes to ``trace["error"]`` and the stop reason, and the
-        result is flagged ``budget_limited``."""
-        self.interrupted = f"backend error: {type(error).__name__}: {error}"
+        result is flagged ``budget_limited``. Like ``failed_calls``, the trace names the
+        error's kind and status only; its message (which may hold a backend address) is logged."""
+        log.warning("backend call failed for good; the run answers with its best so far: %s", error)
+        status = getattr(error, "status_code", None)
+        self.interrupted = f"backend error: {type(error).__name__}" + (f" (status {status})" if status else "")
         self.trace["error"] = self.interrupted
 
     def emit(self, event: str, **data: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Sequence
 import pytest
 
 from strategies import Choice, GenerationRequest, Task, prompts, run_strategy
+from strategies.base import RunContext
 from strategies.search import MCTSr, RewardNode
 
 from tests.scripted import ScriptedGenerator, is_critique, is_refine, is_step_score, is_task_sample, match_template
@@ -335,3 +336,12 @@ async def test_an_error_before_any_answer_is_raised() -> None:
                                                stop_reason="\n"))
     with pytest.raises(Broken):  # steps: no finished solution yet
         await run_strategy("mcts", STEP_TASK, gen, params={"mode": "steps", "simulations": 4})
+
+
+def test_an_interrupted_run_names_no_backend_address() -> None:
+    class Unreachable(Exception):
+        status_code = 502
+
+    ctx = RunContext(ScriptedGenerator(mcts_refine_script), MATH)
+    ctx.interrupt(Unreachable("cannot reach http://10.1.2.3:8000/v1/completions"))
+    assert ctx.trace["error"] == ctx.interrupted == "backend error: Unreachable (status 502)"

@@ -104,7 +104,8 @@ async def test_engine_receives_the_whole_conversation_in_every_helper_prompt(cas
 
 async def test_engine_steps_in_chat_mode_grow_past_the_first_step(engine_backend) -> None:
     """The chat template may trim the continued assistant message (dropping the newline
-    that ended the step); the next step must still be a real step, not a blank one."""
+    that ended the step); the next step must still be a real step, not a blank one. (The
+    model may itself write a blank line before a step: "\n\n" is one token.)"""
     task = Task(messages=({"role": "system", "content": "Answer with a list, one item per line."},
                           {"role": "user", "content": "Name three animals that live in the sea."}),
                 max_tokens=32)
@@ -116,7 +117,6 @@ async def test_engine_steps_in_chat_mode_grow_past_the_first_step(engine_backend
         text = node["state"]["text"]
         if depth:
             assert text.startswith(parent_text) and text[len(parent_text):].strip(), "a blank step was kept"
-            assert "\n\n" not in text[len(parent_text) - 1:] or "\n\n" in parent_text, "the delimiter was doubled"
         for child in node["children"]:
             walk(child, text, depth + 1)
 

@@ -111,12 +111,14 @@ class EmbeddedEngine:
     def environment(self) -> dict[str, str]:
         """The engine's environment: tuned defaults < ``os.environ`` < the compile cache
         directories (always ponder's: importing torch, as model preparation does, sets
-        ``TORCHINDUCTOR_CACHE_DIR`` in this process) < this engine's overrides."""
-        return {
+        ``TORCHINDUCTOR_CACHE_DIR`` in this process) < this engine's overrides, where ``""``
+        removes a variable (vLLM reads an empty one as a value, and fails on some)."""
+        env = {
             **ENGINE_ENV_DEFAULTS, **os.environ, **compile_cache_dirs(self.settings.model_cache_dir),
             "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             **self.env_overrides,
         }
+        return {name: value for name, value in env.items() if not (value == "" and name in self.env_overrides)}
 
     def command(self, model_dir: Path) -> list[str]:
         return [

@@ -107,6 +107,8 @@ def test_engine_environment_defaults_yield_to_the_callers(monkeypatch, tmp_path)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert EmbeddedEngine(settings).environment()["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert EmbeddedEngine(settings, env={"VLLM_CPU_KVCACHE_SPACE": "2"}).environment()["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # "" unsets (loadtests.bench_engine's vllm-defaults): vLLM fails on an empty VLLM_CPU_KVCACHE_SPACE
+    assert "VLLM_CPU_KVCACHE_SPACE" not in EmbeddedEngine(settings, env={"VLLM_CPU_KVCACHE_SPACE": ""}).environment()
 
 
 async def test_start_times_out():

@@ -338,7 +338,7 @@ async def test_an_error_before_any_answer_is_raised() -> None:
         await run_strategy("mcts", STEP_TASK, gen, params={"mode": "steps", "simulations": 4})
 
 
-def test_an_interrupted_run_names_no_backend_address() -> None:
+async def test_an_interrupted_run_names_no_backend_address() -> None:
     class Unreachable(Exception):
         status_code = 502
 

@@ -526,17 +526,17 @@ def _compose_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("docker-compose")
 
 
-@pytest.mark.skipif(_compose_binary() is None, reason="no docker-compose binary (scripts/lint_docker.sh installs one)")
+@pytest.mark.skipif(_compose_binary() is None, reason="no docker-compose binary (the dev extra installs one)")
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]])
 def test_compose_config_accepts_the_files(files):
     """Compose's own schema validation and merge (no engine needed for `config`)."""
-    args = [_compose_binary(), "--profile", "monitoring"]
+    args = [_compose_binary(), "--profile", "monitoring", "--profile", "router"]
     for name in files:
         args += ["-f", str(ROOT / name)]
     done = subprocess.run(args + ["config", "--format", "json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     merged = json.loads(done.stdout)
-    assert set(merged["services"]) == {"ponder", "redis", "vllm", "prometheus"}
+    assert set(merged["services"]) == {"ponder", "redis", "vllm", "prometheus", "vllm-2", "vllm-router"}
     vllm = merged["services"]["vllm"]
     if "docker-compose.cpu.yml" in files:
         assert not vllm.get("deploy") and vllm["build"]["target"] == "cpu-engine" and not vllm.get("command")

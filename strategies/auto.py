@@ -43,7 +43,7 @@ from .answers import AnswerFormat, extract_answer, needs_math
 from .base import Candidate, RunContext, Strategy, StrategyParams, register
 from .protocol import Choice
 from .self_consistency import SelfConsistency, Tally, should_stop
-from .verification import Report, pick
+from .verification import Report, pick, rewrite_failing
 
 
 class AutoParams(StrategyParams):
@@ -195,11 +195,9 @@ class Auto(Strategy):
         path.append(stage)
         for _ in range(params.refine_rounds):
             targets = pool.refine_targets(params.refine_width)
-            requests = [ctx.task.refine_request(pool.choices[i].text, pool.reports[i].feedback,
-                                                temperature=params.temperature,
-                                                max_tokens=ctx.task.max_tokens or 512) for i in targets]
-            written = [(g.choices[0], source) for g, source in zip(await ctx.generate(requests, allow_partial=True),
-                                                                    targets) if g is not None]
+            rewrites = await rewrite_failing(ctx, [pool.choices[i].text for i in targets],
+                                             [pool.reports[i] for i in targets], temperature=params.temperature)
+            written = [(rewrite, source) for rewrite, source in zip(rewrites, targets) if rewrite is not None]
             if not written:
                 stage["why"] = "every rewrite failed"
                 return

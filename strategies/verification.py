@@ -33,6 +33,7 @@ from .base import StrategyError, cache_key, gather_or_cancel
 
 if TYPE_CHECKING:
     from .base import RunContext
+    from .protocol import Choice
 
 T = TypeVar("T")
 
@@ -335,3 +336,13 @@ def with_feedback(self_feedback: str, report: Report | None) -> str:
         return self_feedback
     outside = "Checks the response fails:\n" + report.feedback
     return f"{outside}\n{self_feedback}" if self_feedback.strip() else outside
+
+
+async def rewrite_failing(ctx: "RunContext", texts: Sequence[str], reports: Sequence[Report], *,
+                          temperature: float) -> list["Choice | None"]:
+    """One rewrite of each text from its verifiers' feedback (the REFINE prompt in the caller's
+    conversation, ``Task.refine_request``), all in one batch; None where the call failed for good."""
+    requests = [ctx.task.refine_request(text, report.feedback, temperature=temperature,
+                                        max_tokens=ctx.task.max_tokens or 512)
+                for text, report in zip(texts, reports)]
+    return [None if g is None else g.choices[0] for g in await ctx.generate(requests, allow_partial=True)]

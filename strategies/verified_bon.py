@@ -24,7 +24,7 @@ from pydantic import Field
 
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
 from .protocol import Choice
-from .verification import Report, choose
+from .verification import Report, choose, rewrite_failing
 
 
 class VerifiedBoNParams(StrategyParams):
@@ -58,7 +58,8 @@ class VerifiedBestOfN(Strategy):
             if any(r.passed for r in reports):
                 break
             targets = self._targets(pool, reports, params.rewrites)
-            written = await self._rewrite(ctx, params, [pool[i] for i in targets], [reports[i] for i in targets])
+            written = await rewrite_failing(ctx, [pool[i].text for i in targets], [reports[i] for i in targets],
+                                            temperature=params.temperature)
             targets = [i for i, choice in zip(targets, written) if choice is not None]
             rewritten = [choice for choice in written if choice is not None]
             if not rewritten:
@@ -86,12 +87,3 @@ class VerifiedBestOfN(Strategy):
         for i in order:
             distinct.setdefault(pool[i].text.strip(), i)
         return list(distinct.values())[:count]
-
-    @staticmethod
-    async def _rewrite(ctx: RunContext, params: VerifiedBoNParams, sources: list[Choice],
-                       reports: list[Report]) -> list[Choice | None]:
-        """One rewrite per source, all in one batch; None where the call failed."""
-        requests = [ctx.task.refine_request(source.text, report.feedback, temperature=params.temperature,
-                                            max_tokens=ctx.task.max_tokens or 512)
-                    for source, report in zip(sources, reports)]
-        return [None if g is None else g.choices[0] for g in await ctx.generate(requests, allow_partial=True)]

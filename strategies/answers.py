@@ -324,6 +324,17 @@ def answer_key(answer: str) -> str:
     return str(value) if value is not None else f"math:{expr}"
 
 
+def same_answer(answer: str, other: str) -> bool:
+    """Whether two extracted answers are one answer: equal canonical keys, else (math only)
+    Math-Verify's ``verify``. Scoring uses it against a gold answer, as ``AnswerBuckets`` does
+    within a vote."""
+    if answer_key(answer) == answer_key(other):
+        return True
+    buckets = AnswerBuckets()
+    first = buckets.representative(other)
+    return buckets.representative(answer) == first
+
+
 def _verify(gold: Any, target: Any) -> bool:
     from math_verify import verify
 

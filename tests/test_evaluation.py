@@ -12,6 +12,7 @@ import pytest
 
 from service.evaluation import (
     DEFAULT_SETTINGS,
+    EvalItem,
     EvalSetting,
     HTTPSolver,
     InProcessSolver,
@@ -290,6 +291,33 @@ async def test_runner_in_process_writes_jsonl_and_summary(tmp_path: Path) -> Non
     md, js = write_summary(summary, tmp_path)
     assert "| greedy | none | 10 | 70.0% | 39.7–89.2% |" in md.read_text()
     assert json.loads(js.read_text())["rows"][0]["ci_low"] == pytest.approx(0.39677, abs=1e-4)
+
+
+async def test_self_consistency_records_oracle_at_k(tmp_path: Path) -> None:
+    """oracle@k for self-consistency: one of its k samples is right even where the vote is wrong."""
+    items = arithmetic_items(2, difficulty=2, seed=0)
+    right = _value(items[0].question)
+
+    def respond(request: GenerationRequest, index: int) -> str:
+        value = _value(request_text(request).rsplit("\n", 1)[-1].rstrip("="))
+        if value == right:  # item 0: votes 2 x wrong, 1 x right -> the vote is wrong, the oracle right
+            return str(value + 1 if index < 2 else value)
+        return str(value + 1)  # item 1: never right
+    await run_eval(items, [EvalSetting("sc-k3", "self-consistency", {"k": 3})], InProcessSolver(ScriptedGenerator(respond)),
+                   tmp_path)
+    records = {r["item_id"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert records[items[0].id]["correct"] is False and records[items[0].id]["oracle_pass"] is True
+    assert records[items[1].id]["correct"] is False and records[items[1].id]["oracle_pass"] is False
+    (row,) = summarize(read_results(tmp_path / "results.jsonl"))["rows"]
+    assert row["accuracy"] == 0 and row["oracle"] == 0.5
+
+
+def test_numeric_scoring_compares_answers_by_meaning() -> None:
+    item = EvalItem(id="x", kind="gsm8k", question="q", gold="0.5", messages=({"role": "user", "content": "q"},),
+                    answer_format="numeric")
+    for answer in ("#### 1/2", "The answer is \\boxed{\\frac12}.", "#### .5", "The answer is $\\dfrac{2}{4}$"):
+        assert score_answer(item, answer).correct is True, answer
+    assert score_answer(item, "#### 0.51").correct is False
 
 
 def test_wilson_interval_edges() -> None:

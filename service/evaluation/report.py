@@ -78,8 +78,8 @@ def summarize_setting(label: str, records: Sequence[dict[str, Any]], setting: di
         "latency_p50_s": statistics.median([r["latency_s"] for r in ok]) if ok else None,
         "budget_limited": sum(1 for r in ok if r.get("budget_limited")),
     }
-    oracle = [r["oracle_pass"] for r in ok if "oracle_pass" in r]
-    if oracle:  # verified-bon: share of items where one of the first N samples passed every check
+    oracle = [r["oracle_pass"] for r in ok if r.get("oracle_pass") is not None]
+    if oracle:  # share of items where one of the first N samples (verified-bon) or k samples (SC) was right
         row["oracle"] = sum(oracle) / len(oracle)
     ifeval = [r["scores"] for r in ok if isinstance(r.get("scores"), dict) and "instructions" in r["scores"]]
     if ifeval:
@@ -142,7 +142,7 @@ def format_table(summary: dict[str, Any]) -> str:
         header += ["prompt loose", "instr strict", "instr loose", "instr unscored"]
     oracle = any("oracle" in r for r in rows)
     if oracle:
-        header += ["oracle (a first sample passes)"]
+        header += ["oracle (one of the samples passes)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         ci = "—" if r["ci_low"] is None else f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}%"

@@ -477,8 +477,13 @@ def make_record(item: EvalItem, setting: EvalSetting, params: dict[str, Any], ou
         record["scores"] = score.details
     first_draws = [c for c in outcome.trace.get("candidates", ()) if isinstance(c, dict) and c.get("round") == 0
                    and "passed" in c]
+    samples = [s["text"] for s in outcome.trace.get("samples", ()) if isinstance(s, dict)
+               and isinstance(s.get("text"), str)]
     if first_draws:  # verified-bon: did any of the N first samples pass every check (oracle@N)?
         record["oracle_pass"] = any(c["passed"] for c in first_draws)
+    elif samples:  # self-consistency: is any of its k samples right by the item's own scoring (oracle@k)?
+        verdicts = [score_answer(item, text).correct for text in samples]
+        record["oracle_pass"] = True if any(verdicts) else (None if None in verdicts else False)
     return record
 
 

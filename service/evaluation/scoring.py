@@ -1,6 +1,8 @@
 """Scoring an answer against an item.
 
-- numeric items (``arith``, ``gsm8k``): ``extract_answer(answer, item.answer_format) == gold``;
+- numeric items (``arith``, ``gsm8k``): the answer ``extract_answer`` finds is correct when it is the
+  same answer as the gold by ``strategies.answers.same_answer`` (the equivalence votes use:
+  ``9,500`` = ``9500``, ``\\frac12`` = ``0.5``), not when the strings are equal;
 - ``ifeval``: every instruction checked with ``if-verifiable``, strict and loose. An instruction
   whose checker cannot run here (sentence counting and capital-word frequency need nltk's
   ``punkt_tab`` data, which is not installed offline) is *unscored*, not failed; a prompt is
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from strategies.answers import extract_answer
+from strategies.answers import extract_answer, same_answer
 
 from ..verifiers import ifeval_instruction_rows
 from .data import EvalItem
@@ -29,7 +31,8 @@ def score_answer(item: EvalItem, answer: str) -> Score:
     if item.kind == "ifeval":
         return score_ifeval(item, answer)
     extracted = extract_answer(answer or "", item.answer_format or "auto")
-    return Score(correct=extracted is not None and extracted == item.gold, extracted=extracted)
+    correct = extracted is not None and item.gold is not None and same_answer(extracted, item.gold)
+    return Score(correct=correct, extracted=extracted)
 
 
 def _all(values: list[bool | None]) -> bool | None:

@@ -68,6 +68,8 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "2-threads": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, []),
     # The worker inside the EngineCore process (no shared-memory polling between them).
     "uniproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, []),
+    "uniproc-2-threads": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, []),
     "seqs-32": ({}, ["--max-num-seqs", "32"]),
 }
 

@@ -55,21 +55,22 @@ N, MAX_TOKENS = 4, 64
 # Engine settings compared by --configs: environment and extra vLLM arguments, each on
 # top of ponder's defaults (service.engine: float32 without native bf16, --enforce-eager,
 # ENGINE_ENV_DEFAULTS). "" unsets a default.
+_VLLM_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "", "VLLM_CPU_OMP_THREADS_BIND": "",
+                   "VLLM_CPU_NUM_OF_RESERVED_CPU": ""}  # unset: vLLM's worker process, one thread per spare core
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     # What ponder ran before tuning = vLLM's own choices: bf16, torch.compile (inductor) with
     # vLLM's and torch's default cache places, KV cache = --gpu-memory-utilization of RAM,
     # one OMP thread with the other core reserved.
     "vllm-defaults": ({"VLLM_CPU_KVCACHE_SPACE": "", "VLLM_CACHE_ROOT": str(Path.home() / ".cache" / "vllm"),
-                       "TORCHINDUCTOR_CACHE_DIR": f"/tmp/torchinductor_{getpass.getuser()}"},
+                       "TORCHINDUCTOR_CACHE_DIR": f"/tmp/torchinductor_{getpass.getuser()}", **_VLLM_PROCESSES},
                       ["--dtype", "bfloat16", "--no-enforce-eager"]),
     "tuned": ({}, []),
     "bf16": ({}, ["--dtype", "bfloat16"]),
     "compiled": ({}, ["--no-enforce-eager"]),
-    "2-threads": ({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, []),
-    # The worker inside the EngineCore process (no shared-memory polling between them).
-    "uniproc": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, []),
-    "uniproc-2-threads": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, []),
+    # ponder's defaults before the model runner moved into the engine-core process: a worker
+    # process fed through busy-polled shared memory, one OMP thread, the other core reserved.
+    "1-thread-mp": (dict(_VLLM_PROCESSES), []),
+    "2-threads-mp": ({"VLLM_ENABLE_V1_MULTIPROCESSING": ""}, []),
     "seqs-32": ({}, ["--max-num-seqs", "32"]),
 }
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.engine import ENGINE_ENV_DEFAULTS, EmbeddedEngine, EngineError
+from service.engine import ENGINE_ENV_DEFAULTS, EmbeddedEngine, EngineError, thread_binding
 
 # A tiny server that answers /health after a short start-up delay, like vLLM does, and
 # logs start-up phases the way vLLM's processes do.
@@ -109,6 +109,13 @@ def test_engine_environment_defaults_yield_to_the_callers(monkeypatch, tmp_path)
     assert EmbeddedEngine(settings, env={"VLLM_CPU_KVCACHE_SPACE": "2"}).environment()["VLLM_CPU_KVCACHE_SPACE"] == "2"
     # "" unsets (loadtests.bench_engine's vllm-defaults): vLLM fails on an empty VLLM_CPU_KVCACHE_SPACE
     assert "VLLM_CPU_KVCACHE_SPACE" not in EmbeddedEngine(settings, env={"VLLM_CPU_KVCACHE_SPACE": ""}).environment()
+
+
+def test_engine_threads_use_every_core_of_a_contiguous_set():
+    assert thread_binding([0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert thread_binding([4, 5, 6, 7])["VLLM_CPU_OMP_THREADS_BIND"] == "4-7"
+    assert thread_binding([0]) == {} and thread_binding([0, 2]) == {}  # vLLM's own choice stands
+    assert ENGINE_ENV_DEFAULTS["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 async def test_start_times_out():

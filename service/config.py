@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     default_deadline_s: float = 300.0
     max_deadline_s: float = 1800.0
     max_tokens_per_sample_default: int = 512
+    default_temperature: float | None = Field(None, ge=0, le=2, description=(
+        "Temperature of a strategy request that sets none; unset: the embedded model's recommended one "
+        "(SmolLM2: 0.2) on the embedded engine, else each strategy's own default."))
     max_tokens_per_sample: int = 4096
     max_checklist_items: int = 32
 
@@ -120,6 +123,15 @@ class Settings(BaseSettings):
     @property
     def embedded_recipe(self) -> ModelRecipe:
         return recipe_for(self.embedded_model)
+
+    @property
+    def request_temperature(self) -> float | None:
+        """The temperature of a strategy request that sets none: ``default_temperature``,
+        else, on the embedded engine, its model's recommended one, else None (each
+        strategy's own default)."""
+        if self.default_temperature is not None:
+            return self.default_temperature
+        return None if self.backend_url_list else self.embedded_recipe.temperature
 
     @property
     def engine_model_name(self) -> str:

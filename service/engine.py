@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import json
 import logging
 import os
 import re
@@ -154,8 +155,15 @@ class EmbeddedEngine:
             # torch.compile takes minutes per start on 2 cores and gained nothing measurable
             # here; PONDER_ENGINE_EXTRA_ARGS="--no-enforce-eager" turns it back on.
             "--enforce-eager",
+            *self._generation_defaults(),
             *shlex.split(self.settings.engine_extra_args),
         ]
+
+    def _generation_defaults(self) -> list[str]:
+        """The sampling temperature for requests that set none, as ponder's strategies use it
+        (``Settings.request_temperature``): vLLM's generation-config defaults."""
+        temperature = self.settings.request_temperature
+        return [] if temperature is None else ["--override-generation-config", json.dumps({"temperature": temperature})]
 
     async def prepare(self) -> Path:
         """The model directory to serve (converted once, then cached)."""

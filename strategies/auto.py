@@ -36,6 +36,7 @@ rewrites all fail ends the refinement). Without a first wave, the failure surfac
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -59,7 +60,9 @@ class AutoParams(StrategyParams):
                                json_schema_extra={"limit": "rounds"})
     refine_width: int = Field(2, ge=1, le=16, description="Answers rewritten per refinement round.",
                               json_schema_extra={"limit": "branching"})
-    temperature: float = Field(0.7, ge=0, le=2)
+    default_temperature: ClassVar[float] = 0.7
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
+                                      "temperature, else 0.7.")
     answer_format: AnswerFormat = "auto"
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Self, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -676,9 +676,23 @@ class Strategy(ABC):
 
 
 class StrategyParams(BaseModel):
-    """Base for Params models: unknown fields are an error, not silently ignored."""
+    """Base for Params models: unknown fields are an error, not silently ignored.
+
+    A Params model with a ``temperature`` field (the temperature of the strategy's own
+    samples and rewrites, ``None`` by default) states ``default_temperature``: the value used
+    when neither the params nor the request (``Task.temperature``) set one."""
 
     model_config = ConfigDict(extra="forbid")
+    default_temperature: ClassVar[float] = 0.7
+
+    def for_task(self, task: "Task") -> Self:
+        """These params with ``temperature`` resolved: the params' own, else the request's
+        (the caller's ``temperature``, or the server's default for the model), else
+        ``default_temperature``."""
+        if "temperature" not in type(self).model_fields or getattr(self, "temperature") is not None:
+            return self
+        chosen = task.temperature if task.temperature is not None else self.default_temperature
+        return self.model_copy(update={"temperature": chosen})
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -742,6 +756,8 @@ async def run_strategy(
     """
     strategy = get_strategy(name)
     parsed = parse_params(strategy, params, limits)
+    if isinstance(parsed, StrategyParams):
+        parsed = parsed.for_task(task)
     ctx = RunContext(
         generator, task, cache=cache, budget=budget, on_event=on_event, use_cache=use_cache, model_id=model_id,
         ledger=ledger,

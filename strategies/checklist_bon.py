@@ -26,7 +26,7 @@ failure surfaces.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, StringConstraints, model_validator
 
@@ -46,7 +46,9 @@ def _rounded(score: float | None) -> float | None:
 
 class ChecklistBoNParams(StrategyParams):
     n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
-    temperature: float = Field(0.8, ge=0, le=2)
+    default_temperature: ClassVar[float] = 0.8
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
+                                      "temperature, else 0.8.")
     max_items: int = Field(8, ge=1, le=32, description="Checklist length cap.",
                            json_schema_extra={"limit": "checklist_items"})
     checklist: list[Annotated[str, StringConstraints(max_length=1000)]] | None = Field(

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import Field
 
@@ -84,7 +84,9 @@ class MCTSParams(StrategyParams):
                                "each time a node is valued or selected; steps: per node).",
                                json_schema_extra={"limit": "samples"})
     value: Literal["self_eval", "rollout"] = Field("self_eval", description="steps mode: how nodes are valued.")
-    temperature: float = Field(0.8, ge=0, le=2)
+    default_temperature: ClassVar[float] = 0.8
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
+                                      "temperature, else 0.8.")
     eval_temperature: float = Field(0.7, ge=0, le=2)
     step_delimiter: str = Field("\n", min_length=1, max_length=16)
     step_max_tokens: int = Field(128, ge=1, le=2048, json_schema_extra={"limit": "tokens"})

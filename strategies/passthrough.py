@@ -4,13 +4,17 @@ else changes: there is nothing to choose from)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from .base import Candidate, RunContext, Strategy, StrategyParams, register
 
 
 class PassthroughParams(StrategyParams):
-    temperature: float | None = Field(None, ge=0, le=2, description="Overrides the task's temperature.")
+    default_temperature: ClassVar[float] = 0.0
+    temperature: float | None = Field(None, ge=0, le=2, description="Overrides the request's temperature; unset: "
+                                      "the request's temperature, else 0 (greedy).")
 
 
 @register
@@ -20,8 +24,7 @@ class Passthrough(Strategy):
     Params = PassthroughParams
 
     async def run(self, ctx: RunContext, params: PassthroughParams) -> Candidate:
-        overrides = {} if params.temperature is None else {"temperature": params.temperature}
-        (choice,) = await ctx.sample(ctx.task.sample_request(n=1, default_temperature=0.0, **overrides))
+        (choice,) = await ctx.sample(ctx.task.sample_request(n=1, temperature=params.temperature))
         ctx.trace["samples"] = [choice.text]
         if ctx.verification:
             (report,) = await ctx.verification.check(ctx, [choice.text])

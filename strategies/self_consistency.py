@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,7 +44,9 @@ from .verification import Report, pick
 class SelfConsistencyParams(StrategyParams):
     k: int = Field(8, ge=1, le=256, description="Samples to draw (the maximum, in adaptive mode).",
                    json_schema_extra={"limit": "samples"})
-    temperature: float = Field(0.7, ge=0, le=2)
+    default_temperature: ClassVar[float] = 0.7
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
+                                      "temperature, else 0.7.")
     answer_format: AnswerFormat = "auto"
     weighting: Literal["none", "logprob"] = "none"
     adaptive: bool = False

@@ -22,6 +22,8 @@ of any chain got feedback (or a verifier report), the failure surfaces.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from . import prompts
@@ -35,7 +37,9 @@ class SelfRefineParams(StrategyParams):
     stop_score: float = Field(9, ge=0, le=10, description="Stop once feedback scores a version at least this (0-10).")
     chains: int = Field(1, ge=1, le=32, description="Independent chains run concurrently.",
                         json_schema_extra={"limit": "branching"})
-    temperature: float = Field(0.7, ge=0, le=2, description="Drafting and refining temperature.")
+    default_temperature: ClassVar[float] = 0.7
+    temperature: float | None = Field(None, ge=0, le=2, description="Drafting and refining temperature; unset: the request's "
+                                      "temperature, else 0.7.")
     feedback_temperature: float = Field(0.0, ge=0, le=2)
     feedback_max_tokens: int = Field(256, ge=16, le=4096, json_schema_extra={"limit": "tokens"})
 

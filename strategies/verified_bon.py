@@ -20,6 +20,8 @@ a round whose rewrites all fail ends the rounds.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
@@ -33,7 +35,9 @@ class VerifiedBoNParams(StrategyParams):
                         json_schema_extra={"limit": "rounds"})
     rewrites: int = Field(2, ge=1, le=16, description="Best failing candidates rewritten per round.",
                           json_schema_extra={"limit": "branching"})
-    temperature: float = Field(0.8, ge=0, le=2)
+    default_temperature: ClassVar[float] = 0.8
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
+                                      "temperature, else 0.8.")
 
 
 @register

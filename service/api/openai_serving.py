@@ -156,7 +156,8 @@ class OpenAIServing:
         if isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens or max_tokens
         common = dict(
-            model=model, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list,
+            model=model, temperature=body.temperature if body.temperature is not None
+            else self.settings.request_temperature, top_p=body.top_p, stop=body.stop_list,
             max_tokens=max_tokens or self.settings.max_tokens_per_sample_default,
             seed=body.seed if self.backend.config.supports_seed else None, extra=tuple(extra.items()),
         )

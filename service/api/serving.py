@@ -78,7 +78,7 @@ class StrategyRunner:
             messages=tuple(body.task.messages) if body.task.messages else None,
             prompt=body.task.prompt,
             model=model,
-            temperature=sampling.temperature,
+            temperature=sampling.temperature if sampling.temperature is not None else self.settings.request_temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens or self.settings.max_tokens_per_sample_default,
             stop=tuple(sampling.stop),

@@ -198,15 +198,17 @@ class InProcessSolver:
     mode = "in-process"
 
     def __init__(self, generator: Generator, *, model: str | None = None,
-                 budget: Budget = Budget(), limits: Limits | None = None, verifiers: Any = None) -> None:
-        """``verifiers``: a ``service.verifiers.VerifierRegistry`` for settings with ``verify``."""
-        self.generator, self.model = generator, model
+                 budget: Budget = Budget(), limits: Limits | None = None, verifiers: Any = None,
+                 temperature: float | None = None) -> None:
+        """``verifiers``: a ``service.verifiers.VerifierRegistry`` for settings with ``verify``;
+        ``temperature``: the request temperature, as the service sets it (``Settings.request_temperature``)."""
+        self.generator, self.model, self.temperature = generator, model, temperature
         self.budget, self.limits, self.verifiers = budget, limits, verifiers
 
     async def solve(self, item: EvalItem, setting: EvalSetting, params: dict[str, Any],
                     verify: list[dict[str, Any]] | None = None) -> Outcome:
         task = Task(prompt=item.prompt, messages=item.messages, model=self.model, max_tokens=item.max_tokens,
-                    stop=tuple(item.stop))
+                    stop=tuple(item.stop), temperature=self.temperature)
         verification = None
         if verify:
             if self.verifiers is None:
@@ -701,7 +703,8 @@ def main(args: argparse.Namespace, settings: Any) -> int:
             model = args.model or await runtime.backend.default_model()
             solver = InProcessSolver(runtime.backend, model=model,
                                      budget=settings.budget(max_tokens=args.match_budget, deadline_s=args.deadline_s),
-                                     limits=settings.limits, verifiers=runtime.verifiers)
+                                     limits=settings.limits, verifiers=runtime.verifiers,
+                                     temperature=settings.request_temperature)
             return await run_eval(items, eval_settings, solver, out, concurrency=args.concurrency,
                                   match_budget=args.match_budget, progress=progress, save_traces=not args.no_traces,
                                   verify_for=verify_for)

@@ -5,7 +5,8 @@
 Prints a markdown table: strategy, wall seconds, backend calls, tokens and the answer — the
 check that a fresh `make serve` answers the example coherently with every strategy. Uses the
 `openai` SDK as a user would (the strategy picked by the model id `strategy:model`).
-`verified-bon` needs a check: it gets a regex for the example's right answer.
+`verified-bon` needs a check: it gets ``--check``, a regex for the right answer (default: the
+apples question's 5).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import httpx
 from openai import OpenAI
 
 QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
-CHECKS = {"verified-bon": [{"type": "regex", "pattern": r"\b5\b"}]}
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default="unused")
     parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--check", default=r"\b5\b", help="regex of the right answer, verified-bon's check")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--strategies", help="comma-separated; default: every one /v1/strategies lists")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     print(f"model {model}; question: {args.question}\n")
     print("| strategy | s | calls | tokens | answer |\n|---|---|---|---|---|")
     for name in names:
-        extra = {"verify": CHECKS[name]} if name in CHECKS else {}
+        extra = {"verify": [{"type": "regex", "pattern": args.check}]} if name == "verified-bon" else {}
         started = time.monotonic()
         try:
             reply = client.chat.completions.create(

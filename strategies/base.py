@@ -46,7 +46,9 @@ model, and every cache key holds them."""
 
 
 class StrategyError(Exception):
-    """A request a strategy cannot run, with a reason fit for a 4xx answer."""
+    """A request a strategy cannot run, with a reason fit for a 4xx answer (``status_code``)."""
+
+    status_code = 400
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -89,6 +91,13 @@ class BudgetTooSmall(StrategyError):
     def __init__(self, message: str, *, field: str, result: "StrategyResult") -> None:
         super().__init__(message, field=field)
         self.result = result
+
+
+class DeadlineBeforeAnswer(BudgetTooSmall):
+    """The deadline passed before the run had any answer (504): an empty answer would read
+    as the model saying nothing."""
+
+    status_code = 504
 
 
 @dataclass(frozen=True)
@@ -765,7 +774,7 @@ async def run_strategy(
     )
     budget = ctx.budget
     started = time.perf_counter()
-    stop_reason, limited, exhausted = "completed", False, None
+    stop_reason, limited, exhausted, timed_out = "completed", False, None, False
     ctx.emit("started", strategy=name, params=parsed.model_dump())
     try:
         async with asyncio.timeout(budget.deadline_s):
@@ -775,7 +784,7 @@ async def run_strategy(
     except BudgetExhausted as exc:
         final, stop_reason, limited, exhausted = ctx.best, f"budget: {exc}", True, exc
     except TimeoutError:
-        final, stop_reason, limited = ctx.best, f"deadline of {budget.deadline_s}s reached", True
+        final, stop_reason, limited, timed_out = ctx.best, f"deadline of {budget.deadline_s}s reached", True, True
     ctx.usage.wall_ms = (time.perf_counter() - started) * 1000
     limited = limited or ctx.budget_bound
     if limited and stop_reason == "completed":
@@ -795,6 +804,9 @@ async def run_strategy(
         message=final.message,
         finish_reason=final.finish_reason,
     )
+    if empty and timed_out:
+        raise DeadlineBeforeAnswer(f"the deadline of {budget.deadline_s:g}s passed before any answer was ready",
+                                   field="budget.deadline_s", result=result)
     if empty and exhausted is not None:
         raise BudgetTooSmall(f"{exhausted.field} is too small to draw a single answer: {exhausted}",
                              field=exhausted.field, result=result)

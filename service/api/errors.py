@@ -53,7 +53,7 @@ def failure_body(exc: StrategyError | BackendError) -> tuple[int, dict[str, Any]
     """Status and OpenAI error body for a failure met after the response started (a
     stream, an async run): the same answer the error handlers give."""
     if isinstance(exc, StrategyError):
-        return 400, error_body(400, str(exc), param=exc.field)
+        return exc.status_code, error_body(exc.status_code, str(exc), param=exc.field)
     return exc.status_code, error_body(exc.status_code, public_message(exc))
 
 
@@ -77,7 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StrategyError)
     async def _strategy_error(_: Request, exc: StrategyError) -> JSONResponse:
-        return error_response(400, str(exc), param=exc.field)
+        return error_response(exc.status_code, str(exc), param=exc.field)
 
     @app.exception_handler(UpstreamError)
     async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:

@@ -121,6 +121,9 @@ async def test_cut_body_is_retried_then_502_never_500():
         await backend.aclose()
     assert info.value.status_code == 502
     assert len(server.requests) == 3  # retried: the upstream had finished with it
+    bodies = [json.loads(body) for _, body in server.requests]  # the one ready payload, re-sent whole
+    assert bodies[0]["messages"] == [{"role": "user", "content": "x"}] and bodies.count(bodies[0]) == 3
+    assert all("content-type: application/json" in head.lower() for head, _ in server.requests)
 
 
 @pytest.mark.parametrize("body", [b"<html>proxy login</html>", b'{"choices": [', b"\xff\xfe{}"],

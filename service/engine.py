@@ -45,8 +45,6 @@ class EngineError(RuntimeError):
     pass
 
 
-# vLLM CPU settings for a small machine, unless the environment sets them
-# (measured with loadtests/bench_engine.py --configs; README, "The embedded engine").
 def _cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
@@ -60,13 +58,15 @@ def thread_binding(cores: list[int]) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+# vLLM CPU settings for a small machine, unless the environment sets them
+# (measured with loadtests/bench_engine.py --configs; README, "The embedded engine").
 ENGINE_ENV_DEFAULTS = {
     # The model runner inside the engine-core process instead of a worker process that the
     # core feeds through busy-polled shared memory: that poll held a whole core even when idle
     # (measured: 1.04 -> 0.13 cores of background load), and the engine starts sooner.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     # Then every core can compute: tokens/s x1.36 batched and n=1 latency x0.86 against one
-    # thread (loadtests/bench_engine.py --configs tuned,uniproc-2-threads; README).
+    # thread (loadtests/bench_engine.py --configs 1-thread-mp,tuned; README).
     **thread_binding(_cores()),
     # KV cache in GiB. Unset, vLLM takes --gpu-memory-utilization of the machine's RAM
     # (12 GB on a 24 GB machine); 1 GiB holds 23,296 tokens of SmolLM2 in float32 (46 KiB/token;

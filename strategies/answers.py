@@ -328,9 +328,7 @@ def same_answer(answer: str, other: str) -> bool:
     """Whether two extracted answers are one answer: equal canonical keys, else (math only)
     Math-Verify's ``verify``. Scoring uses it against a gold answer, as ``AnswerBuckets`` does
     within a vote."""
-    if answer_key(answer) == answer_key(other):
-        return True
-    buckets = AnswerBuckets()
+    buckets = AnswerBuckets()  # its canonical key decides first; Math-Verify only for math with another key
     first = buckets.representative(other)
     return buckets.representative(answer) == first
 

@@ -41,7 +41,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from .answers import AnswerFormat, extract_answer, needs_math
-from .base import Candidate, RunContext, Strategy, StrategyParams, register
+from .base import Candidate, RunContext, Strategy, StrategyParams, register, temperature_field
 from .protocol import Choice
 from .self_consistency import SelfConsistency, Tally, should_stop
 from .verification import Report, pick, rewrite_failing
@@ -61,8 +61,7 @@ class AutoParams(StrategyParams):
     refine_width: int = Field(2, ge=1, le=16, description="Answers rewritten per refinement round.",
                               json_schema_extra={"limit": "branching"})
     default_temperature: ClassVar[float] = 0.7
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.7.")
+    temperature: float | None = temperature_field(default_temperature)
     answer_format: AnswerFormat = "auto"
 
     @model_validator(mode="after")

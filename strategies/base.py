@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Self, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import prompts
 from .protocol import Cache, Choice, Generation, GenerationRequest, Generator, Usage
@@ -702,6 +702,12 @@ class StrategyParams(BaseModel):
             return self
         chosen = task.temperature if task.temperature is not None else self.default_temperature
         return self.model_copy(update={"temperature": chosen})
+
+
+def temperature_field(default: float, what: str = "Temperature of the samples") -> Any:
+    """The ``temperature`` field of a Params model whose ``default_temperature`` is ``default``:
+    unset (``None``) until ``StrategyParams.for_task`` resolves it."""
+    return Field(None, ge=0, le=2, description=f"{what}; unset: the request's temperature, else {default:g}.")
 
 
 _REGISTRY: dict[str, Strategy] = {}

@@ -19,15 +19,14 @@ from typing import ClassVar
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register, temperature_field
 from .verification import alongside, pick
 
 
 class BestOfNParams(StrategyParams):
     n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
     default_temperature: ClassVar[float] = 0.8
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.8.")
+    temperature: float | None = temperature_field(default_temperature)
     judge_samples: int = Field(1, ge=1, le=16, description="Ratings per candidate, averaged (1 = one greedy rating).",
                                json_schema_extra={"limit": "samples"})
     judge_temperature: float = Field(0.7, ge=0, le=2, description="Rating temperature when judge_samples > 1.")

@@ -31,7 +31,10 @@ from typing import Annotated, ClassVar
 from pydantic import Field, StringConstraints, model_validator
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register
+from .base import (
+    Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register,
+    temperature_field,
+)
 from .protocol import Choice
 from .verification import Report, alongside, keeps, pick, with_feedback
 
@@ -47,8 +50,7 @@ def _rounded(score: float | None) -> float | None:
 class ChecklistBoNParams(StrategyParams):
     n: int = Field(8, ge=1, le=128, description="Candidates drawn.", json_schema_extra={"limit": "samples"})
     default_temperature: ClassVar[float] = 0.8
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.8.")
+    temperature: float | None = temperature_field(default_temperature)
     max_items: int = Field(8, ge=1, le=32, description="Checklist length cap.",
                            json_schema_extra={"limit": "checklist_items"})
     checklist: list[Annotated[str, StringConstraints(max_length=1000)]] | None = Field(

@@ -60,7 +60,9 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 from pydantic import Field
 
 from . import prompts
-from .base import BudgetExhausted, Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
+from .base import (
+    BudgetExhausted, Candidate, RunContext, Strategy, StrategyError, StrategyParams, register, temperature_field,
+)
 from .protocol import Choice, GenerationRequest
 from .search import MCTS, MCTSr, Node, RewardNode, tree_trace
 from .verification import Report, pick, with_feedback
@@ -85,8 +87,7 @@ class MCTSParams(StrategyParams):
                                json_schema_extra={"limit": "samples"})
     value: Literal["self_eval", "rollout"] = Field("self_eval", description="steps mode: how nodes are valued.")
     default_temperature: ClassVar[float] = 0.8
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.8.")
+    temperature: float | None = temperature_field(default_temperature)
     eval_temperature: float = Field(0.7, ge=0, le=2)
     step_delimiter: str = Field("\n", min_length=1, max_length=16)
     step_max_tokens: int = Field(128, ge=1, le=2048, json_schema_extra={"limit": "tokens"})

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
-
-from .base import Candidate, RunContext, Strategy, StrategyParams, register
+from .base import Candidate, RunContext, Strategy, StrategyParams, register, temperature_field
 
 
 class PassthroughParams(StrategyParams):
     default_temperature: ClassVar[float] = 0.0
-    temperature: float | None = Field(None, ge=0, le=2, description="Overrides the request's temperature; unset: "
-                                      "the request's temperature, else 0 (greedy).")
+    temperature: float | None = temperature_field(default_temperature, "Overrides the request's temperature")
 
 
 @register

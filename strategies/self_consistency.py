@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from . import prompts
 from .answers import AnswerBuckets, AnswerFormat, extract_answer, needs_math
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register
+from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register, temperature_field
 from .protocol import Choice
 from .verification import Report, pick
 
@@ -45,8 +45,7 @@ class SelfConsistencyParams(StrategyParams):
     k: int = Field(8, ge=1, le=256, description="Samples to draw (the maximum, in adaptive mode).",
                    json_schema_extra={"limit": "samples"})
     default_temperature: ClassVar[float] = 0.7
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.7.")
+    temperature: float | None = temperature_field(default_temperature)
     answer_format: AnswerFormat = "auto"
     weighting: Literal["none", "logprob"] = "none"
     adaptive: bool = False

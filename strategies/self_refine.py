@@ -27,7 +27,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register
+from .base import (
+    Candidate, RunContext, Strategy, StrategyParams, cache_key, gather_or_cancel, register, temperature_field,
+)
 from .protocol import Choice
 from .verification import Report, alongside, keeps, with_feedback
 
@@ -38,8 +40,7 @@ class SelfRefineParams(StrategyParams):
     chains: int = Field(1, ge=1, le=32, description="Independent chains run concurrently.",
                         json_schema_extra={"limit": "branching"})
     default_temperature: ClassVar[float] = 0.7
-    temperature: float | None = Field(None, ge=0, le=2, description="Drafting and refining temperature; unset: the request's "
-                                      "temperature, else 0.7.")
+    temperature: float | None = temperature_field(default_temperature, "Drafting and refining temperature")
     feedback_temperature: float = Field(0.0, ge=0, le=2)
     feedback_max_tokens: int = Field(256, ge=16, le=4096, json_schema_extra={"limit": "tokens"})
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register
+from .base import Candidate, RunContext, Strategy, StrategyError, StrategyParams, register, temperature_field
 from .protocol import Choice
 from .verification import Report, choose, rewrite_failing
 
@@ -36,8 +36,7 @@ class VerifiedBoNParams(StrategyParams):
     rewrites: int = Field(2, ge=1, le=16, description="Best failing candidates rewritten per round.",
                           json_schema_extra={"limit": "branching"})
     default_temperature: ClassVar[float] = 0.8
-    temperature: float | None = Field(None, ge=0, le=2, description="Temperature of the samples; unset: the request's "
-                                      "temperature, else 0.8.")
+    temperature: float | None = temperature_field(default_temperature)
 
 
 @register

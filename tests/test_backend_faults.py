@@ -119,14 +119,21 @@ async def test_the_default_deadline_applies_without_a_caller_budget(upstream):
     assert_openai_error(response, 504)
 
 
-async def test_a_stalled_stream_ends_with_an_error_event_and_done_by_the_deadline(upstream):
-    upstream.set_faults(stall=1.0)
+async def stream_with_deadline(upstream: FaultyBackend, deadline_s: float, *,
+                               timeout: float) -> tuple[httpx.Response, float]:
+    """A streamed chat request through ponder with a ``deadline_s`` budget: the response and
+    its wall time in seconds."""
     with ponder(upstream) as served:
-        async with httpx.AsyncClient(base_url=served.url, timeout=5) as client:
+        async with httpx.AsyncClient(base_url=served.url, timeout=timeout) as client:
             started = time.monotonic()
             response = await client.post("/v1/chat/completions",
-                                         json={**CHAT, "stream": True, "budget": {"deadline_s": 1.5}})
-            elapsed = time.monotonic() - started
+                                         json={**CHAT, "stream": True, "budget": {"deadline_s": deadline_s}})
+            return response, time.monotonic() - started
+
+
+async def test_a_stalled_stream_ends_with_an_error_event_and_done_by_the_deadline(upstream):
+    upstream.set_faults(stall=1.0)
+    response, elapsed = await stream_with_deadline(upstream, 1.5, timeout=5)
     assert response.status_code == 200
     events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
     assert json.loads(events[0])["choices"][0]["delta"]["content"]  # the upstream's first event, relayed
@@ -138,12 +145,7 @@ async def test_a_stalled_stream_ends_with_an_error_event_and_done_by_the_deadlin
 
 async def test_a_stream_that_never_starts_ends_by_the_deadline_with_504(upstream):
     upstream.delay_s = 5  # nothing, not even the status line, for 5 s
-    with ponder(upstream) as served:
-        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
-            started = time.monotonic()
-            response = await client.post("/v1/chat/completions",
-                                         json={**CHAT, "stream": True, "budget": {"deadline_s": 1}})
-            elapsed = time.monotonic() - started
+    response, elapsed = await stream_with_deadline(upstream, 1, timeout=10)
     error = assert_openai_error(response, 504)
     assert "deadline" in error["message"] and elapsed < 2.5
     assert upstream.calls == 1

@@ -176,7 +176,7 @@ def _last_number(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def _numeric(text: str) -> str | None:
+def _numeric(text: str, *, fallback: bool = True) -> str | None:
     hashes = _HASHES_RE.search(text)
     if hashes and hashes.group(1).strip():
         return _span_answer(hashes.group(1), whole=True)
@@ -188,7 +188,7 @@ def _numeric(text: str) -> str | None:
         answer = _span_answer(_first_sentence(said[-1]), whole=False)
         if answer is not None and (normalize_number(answer) is not None or needs_math(answer)):
             return answer
-    return _last_number(text)
+    return _last_number(text) if fallback else None
 
 
 def _boxed_letter(text: str) -> str | None:
@@ -213,28 +213,36 @@ def _choice(text: str) -> str | None:
     return letters[-1].upper() if letters else None
 
 
-def _text(text: str) -> str | None:
+def _text(text: str, *, fallback: bool = True) -> str | None:
     said = _ANSWER_IS_RE.findall(text)
+    if not said and not fallback:
+        return None
     source = said[-1] if said else next((line for line in text.splitlines() if line.strip()), "")
     return normalize_text(source) or None
 
 
-def extract_answer(text: str, fmt: AnswerFormat = "auto") -> str | None:
+def extract_answer(text: str, fmt: AnswerFormat = "auto", *, cut_off: bool = False) -> str | None:
     """The answer ``text`` states, in canonical notation, or None when it states none.
 
     Numbers come back as ``"9500"``, ``"-7"``, ``"1/2"``, ``"0.5"``; other math as compact
     LaTeX (``"\\sqrt{2}"``); letters upper-case; text folded. Compare answers with
     ``answer_key``/``AnswerBuckets``, not ``==`` (``"1/2"`` and ``"0.5"`` are one answer).
+
+    ``cut_off``: the text ended at max_tokens, not where its writer stopped. Then only an
+    answer it states outright counts (``####``, ``\\boxed{}``, "the answer is"; choice letters
+    and ``first_number`` read as always): the fallbacks of ``auto``, ``numeric`` and ``text``
+    (the last number, the first line) would read wherever the cut fell.
     """
+    fallback = not cut_off
     if fmt == "numeric":
-        return _numeric(text)
+        return _numeric(text, fallback=fallback)
     if fmt == "first_number":
         number = _NUMBER_RE.search(clean_notation(text))
         return normalize_number(number.group(0)) if number else None
     if fmt == "choice":
         return _choice(text)
     if fmt == "text":
-        return _text(text)
+        return _text(text, fallback=fallback)
     if (hashes := _HASHES_RE.search(text)) and hashes.group(1).strip() or _boxed(text) is not None:
         return _boxed_letter(text) or _numeric(text)
     said = _ANSWER_IS_RE.findall(text)
@@ -244,7 +252,7 @@ def extract_answer(text: str, fmt: AnswerFormat = "auto") -> str | None:
         if letter and (letter.end() == len(sentence) or not sentence[letter.end()].isalpha()):
             return letter.group(1).upper()
         return _span_answer(sentence, whole=False)
-    return _last_number(text) or _text(text)
+    return (_last_number(text) or _text(text)) if fallback else None
 
 
 # -- equivalence -------------------------------------------------------------------

@@ -81,7 +81,7 @@ class Pool:
         self.tally = Tally()
 
     async def add(self, ctx: RunContext, params: AutoParams, new: list[Choice], stage: str) -> list[Report]:
-        extracted = [extract_answer(c.text, params.answer_format) for c in new]
+        extracted = [extract_answer(c.text, params.answer_format, cut_off=c.cut_off) for c in new]
         if any(a is not None and needs_math(a) for a in extracted):
             # Math-Verify grouping is CPU-bound: off the event loop (as in self-consistency).
             await asyncio.to_thread(self.tally.buckets.representatives, extracted)
@@ -89,7 +89,7 @@ class Pool:
             index = len(self.choices)
             self.choices.append(choice)
             self.rows.append({"text": choice.text, "answer": self.tally.add(answer, 1.0, index), "weight": 1.0,
-                              "stage": stage})
+                              "cut_off": choice.cut_off, "stage": stage})
         reports: list[Report] = []
         if ctx.verification:
             reports = await ctx.verification.check(ctx, [c.text for c in new], stage=stage)

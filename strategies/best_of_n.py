@@ -4,7 +4,8 @@ N candidates are drawn in one ``n=N`` request; the model then rates every distin
 candidate 0-10 with the ``SCORE`` prompt, all ratings at once rather than one after
 another. ``judge_samples`` ratings per candidate travel as one ``n`` request and are
 averaged; an unparseable rating counts as 0. The best mean wins, ties going to the
-earliest sample. A single greedy rating (the default) is cached by content.
+earliest sample; a candidate cut off by max_tokens (``cut_off`` in the trace) only wins
+when every candidate was. A single greedy rating (the default) is cached by content.
 With ``verify``, candidates are checked while they are rated, and ``verification.pick``
 decides: the best-rated among those passing every check, else the best verifier report.
 
@@ -52,12 +53,16 @@ class BestOfN(Strategy):
         if not rated and reports is None:
             raise ctx.first_failure()
         own = [-1.0 if m is None else m for m in means]  # an unrated candidate ranks below every rated one
-        best = max(rated or range(len(candidates)), key=own.__getitem__)  # max keeps the first of equals
-        best = pick(ctx, reports, own.__getitem__, best)  # with verify: passing candidates first
+
+        def rank(i: int) -> tuple[bool, float]:  # a finished candidate before one cut off, then the rating
+            return not candidates[i].cut_off, own[i]
+
+        best = max(rated or range(len(candidates)), key=rank)  # max keeps the first of equals
+        best = pick(ctx, reports, rank, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=means[best])
         ctx.trace["candidates"] = [
             {"text": c.text, "scores": None if row is None else [None if s is None else round(s, 4) for s in row],
-             "score": None if m is None else round(m, 4)}
+             "score": None if m is None else round(m, 4), "cut_off": c.cut_off}
             for c, row, m in zip(candidates, parsed, means)
         ]
         ctx.trace["unparsed"] = sum(s is None for row in parsed if row is not None for s in row)

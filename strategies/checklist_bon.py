@@ -95,11 +95,15 @@ class ChecklistBestOfN(Strategy):
         if not judged and reports is None:
             raise ctx.first_failure()
         own = [-1.0 if s is None else s for s in scores]  # a candidate with no verdict ranks below every judged one
-        best = max(judged or range(len(candidates)), key=lambda i: (own[i], -i))
-        best = pick(ctx, reports, own.__getitem__, best)  # with verify: passing candidates first
+
+        def rank(i: int) -> tuple[bool, float]:  # a finished candidate before one cut off, then the score
+            return not candidates[i].cut_off, own[i]
+
+        best = max(judged or range(len(candidates)), key=lambda i: (rank(i), -i))
+        best = pick(ctx, reports, rank, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=scores[best])
         ctx.trace["candidates"] = [
-            {"text": c.text, "verdicts": row, "score": _rounded(s), "missing": row.count(MISSING)}
+            {"text": c.text, "verdicts": row, "score": _rounded(s), "missing": row.count(MISSING), "cut_off": c.cut_off}
             for c, row, s in zip(candidates, verdicts, scores)
         ]
         ctx.trace["unparsed"] = sum(v is None for row in verdicts for v in row)  # judge replies neither YES nor NO

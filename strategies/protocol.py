@@ -59,6 +59,11 @@ class Choice:
     """vLLM's extension: the stop string or token that ended the sample (None = EOS)."""
 
     @property
+    def cut_off(self) -> bool:
+        """The sample ended at max_tokens, not where the model stopped: its text is unfinished."""
+        return self.finish_reason == "length"
+
+    @property
     def mean_logprob(self) -> float | None:
         if not self.token_logprobs:
             return None

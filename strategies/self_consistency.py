@@ -4,7 +4,10 @@
   all at once.
 - Votes count extracted answers (``answers.extract_answer``), grouped by equivalence
   (``answers.AnswerBuckets``: ``1/2``, ``0.5`` and ``\\frac12`` are one answer; the first-seen
-  form names the bucket); samples without an answer do not vote. ``weighting: logprob``
+  form names the bucket); samples without an answer do not vote. A sample cut off by
+  max_tokens votes only for an answer it states outright (``####``, ``\\boxed{}``, "the
+  answer is"): its last number is wherever the cut fell (``extract_answer(cut_off=True)``).
+  The winning answer's text is a finished sample's where it has one. ``weighting: logprob``
   weighs each vote by exp(mean token logprob), a weight in (0, 1].
 - Tie-break: the larger vote weight, then the answer first seen earliest.
 - ``adaptive`` (Adaptive-Consistency, Aggarwal et al., 2023) samples in waves and stops
@@ -139,7 +142,7 @@ class SelfConsistency(Strategy):
                     raise ctx.first_failure()
                 stop_reason = "sampling failed"
                 break
-            extracted = [extract_answer(choice.text, params.answer_format) for choice in new]
+            extracted = [extract_answer(choice.text, params.answer_format, cut_off=choice.cut_off) for choice in new]
             if any(answer is not None and needs_math(answer) for answer in extracted):
                 # Math-Verify (sympy) work, bounded but CPU-bound: off the event loop.
                 await asyncio.to_thread(tally.buckets.representatives, extracted)
@@ -148,7 +151,8 @@ class SelfConsistency(Strategy):
                 samples.append(choice)
                 weight = math.exp(choice.mean_logprob) if params.weighting == "logprob" and choice.mean_logprob is not None else 1.0
                 answer = tally.add(answer, weight, index)
-                ctx.trace["samples"].append({"text": choice.text, "answer": answer, "weight": round(weight, 4)})
+                ctx.trace["samples"].append({"text": choice.text, "answer": answer, "weight": round(weight, 4),
+                                             "cut_off": choice.cut_off})
             ctx.emit("votes", drawn=len(samples), table=tally.table())
             ctx.propose(self._winner(samples, tally))
             if params.adaptive:
@@ -186,11 +190,12 @@ class SelfConsistency(Strategy):
     @staticmethod
     def winner_index(samples: list[Choice], tally: Tally) -> int:
         ranked = tally.ranked()
-        if not ranked:
-            return 0
+        if not ranked:  # no sample states an answer: the first finished one
+            return next((i for i, sample in enumerate(samples) if not sample.cut_off), 0)
         members = ranked[0]["samples"]
-        # Representative: the most confident sample among the winners (first on ties).
-        return max(members, key=lambda i: samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0)
+        # Representative: a finished sample before one cut off, then the most confident (first on ties).
+        return max(members, key=lambda i: (not samples[i].cut_off,
+                                           samples[i].mean_logprob if samples[i].mean_logprob is not None else 0.0))
 
     @staticmethod
     def vote_among_passing(rows: list[dict], reports: list[Report]) -> Callable[[int], float]:

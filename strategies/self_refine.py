@@ -4,7 +4,8 @@ Feedback is structured (score, issues, DONE/REVISE) and parsed leniently. A chai
 stops on DONE, on reaching ``stop_score``, when a refinement changes nothing, or
 after ``max_rounds``. Every version is scored, and the run returns the best-scored
 version seen: a later version replaces an earlier one only with a strictly higher
-score, because self-correction without outside signal often makes answers worse
+score (a finished version always replaces one cut off by max_tokens, and a cut-off one
+never replaces a finished one), because self-correction without outside signal often makes answers worse
 (Huang et al., 2023). ``chains`` runs independent chains concurrently, their drafts
 drawn in one ``n=chains`` request. Feedback at temperature 0 is cached by content
 (never when cut short at its max_tokens).
@@ -61,8 +62,10 @@ class Version:
         return -1.0 if score is None else score
 
     def beats(self, other: "Version") -> bool:
-        """Strictly better: verifier report first (``verification.keeps``), then the self-score."""
-        return keeps(self.report, other.report, self.score, other.score)
+        """Strictly better: verifier report first (``verification.keeps``), then a finished
+        version over one cut off by max_tokens, then the self-score."""
+        return keeps(self.report, other.report, (not self.choice.cut_off, self.score),
+                     (not other.choice.cut_off, other.score))
 
     def as_trace(self) -> dict:
         fb = self.feedback

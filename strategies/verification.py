@@ -321,10 +321,10 @@ def pick(ctx: "RunContext", reports: Sequence[Report] | None, own_key: Callable[
     return chosen
 
 
-def keeps(new: Report | None, old: Report | None, new_own: float, old_own: float) -> bool:
+def keeps(new: Report | None, old: Report | None, new_own: Any, old_own: Any) -> bool:
     """Refinement: whether a new version replaces the kept one. With verifiers, only with a
-    strictly better report, or an equal report and a strictly better own score; without,
-    only with a strictly better own score."""
+    strictly better report, or an equal report and a strictly better own key (a score, or a
+    tuple of them; higher is better); without, only with a strictly better own key."""
     if new is not None and old is not None and new.rank != old.rank:
         return new.rank > old.rank
     return new_own > old_own

@@ -14,7 +14,7 @@ from strategies import Choice, GenerationRequest, prompts, run_strategy
 from strategies.answers import extract_answer
 
 from tests.scripted import ScriptedGenerator, is_checklist, match_template
-from tests.test_strategies import MATH
+from tests.test_strategies import MATH, feedback
 
 LOOP = "Tom has 3 apples - 2 apples = 1 apple left.\nTom has 2 apples - 1 apple = 2 apples.\nTom has 4 apples -"
 
@@ -118,3 +118,17 @@ async def test_checklist_bon_prefers_a_finished_candidate() -> None:
     result = await run_strategy("checklist-bon", MATH, ScriptedGenerator(respond), params={"n": 2, "refine": False})
     assert result.answer == "He has 5 apples."  # the cut-off loop passed both items, the finished one
     assert [c["cut_off"] for c in result.trace["candidates"]] == [True, False]
+
+
+async def test_self_refine_keeps_a_finished_rewrite_over_a_better_scored_cut_off_draft() -> None:
+    scores = {LOOP: 8, "He has 5 apples.": 6}
+
+    def respond(request: GenerationRequest, i: int) -> Choice:
+        if (fields := match_template(request, prompts.FEEDBACK)) is not None:
+            return Choice(feedback(scores[fields["response"]]), finish_reason="stop")
+        if match_template(request, prompts.REFINE) is not None:
+            return Choice("He has 5 apples.", finish_reason="stop")
+        return Choice(LOOP, finish_reason="length")
+
+    result = await run_strategy("self-refine", MATH, ScriptedGenerator(respond), params={"max_rounds": 1})
+    assert result.answer == "He has 5 apples."  # the old code kept the draft, scored 8

@@ -89,3 +89,17 @@ async def test_models_and_ready(engine_backend, engine):
     listing = await engine_backend.models()
     assert [m["id"] for m in listing["data"]] == [engine.model_name]
     assert await engine_backend.ready() == {engine.url: True}
+
+
+async def test_self_consistency_reads_no_answer_into_samples_the_engine_cut_off(engine_backend):
+    """``finish_reason: length`` from the real engine reaches the vote: a sample cut off by
+    max_tokens states no answer by the last-number fallback, so none of these vote."""
+    from strategies import Task, run_strategy
+
+    task = Task(messages=({"role": "user", "content": "Count from 1 to 50, one number per line."},), max_tokens=6)
+    result = await run_strategy("self-consistency", task, engine_backend, use_cache=False,
+                                params={"k": 3, "temperature": 0.2})
+    samples = result.trace["samples"]
+    assert [s["cut_off"] for s in samples] == [True] * 3, samples
+    assert [s["answer"] for s in samples] == [None] * 3, samples
+    assert result.answer == samples[0]["text"]

@@ -169,7 +169,7 @@ class ChecklistBestOfN(Strategy):
                       score: float, checklist: list[str], weights: list[float], report: Report | None) -> Choice:
         """STICK: one rewrite from the failed items (and failing verifiers), kept only if
         better (``verification.keeps``: verifier report first, then the checklist score).
-        A missing verdict is no failed item; a failed rewrite call keeps the winner."""
+        A missing verdict is no failed item; a failed rewrite call or a blank rewrite keeps the winner."""
         failed = [item for item, verdict in zip(checklist, row) if verdict is not True and verdict != MISSING]
         feedback = ("The response fails these requirements:\n" + "\n".join(f"- {item}" for item in failed)
                     if failed else "")
@@ -181,6 +181,9 @@ class ChecklistBestOfN(Strategy):
             ctx.trace["refine"] = {"failed": True, "kept": False}
             return winner
         (rewrite,) = rewrites
+        if not rewrite.text.strip():  # a blank rewrite is no answer to judge
+            ctx.trace["refine"] = {"text": rewrite.text, "blank": True, "kept": False}
+            return winner
         (new_row,), new_reports = await alongside(ctx, [rewrite.text],
                                                   self._judge_all(ctx, [rewrite.text], checklist))
         new_score = self._score(new_row, weights)

@@ -36,7 +36,7 @@ parallel 1 and 2 + 3×3 = 11 at parallel 2 (the first iteration has only the roo
 expand); in steps mode a branching-1 tree is a chain, which parallelism cannot shorten.
 
 Failed calls: a child whose critique, rewrite, step, reward or evaluation call failed
-for good is left out of the tree (an expansion left with no child is a dead end; a
+for good, or whose rewrite is blank (refine mode), is left out of the tree (an expansion left with no child is a dead end; a
 failed re-reward adds no reward), listed in ``trace["failed_calls"]``, and the search
 carries on. Any other backend call that fails for good ends the search, not the run:
 the best answer so far comes back with ``budget_limited``, the error in
@@ -155,7 +155,9 @@ class RefineProblem(LLMProblem):
                                         max_tokens=task.max_tokens or 512)
                     for c in critiques]
         generations = await self.ctx.generate(rewrites, allow_partial=True)
-        return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations) if g is not None]
+        # A failed call or a blank rewrite adds no child: a blank answer is no answer to score.
+        return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations)
+                if g is not None and g.choices[0].text.strip()]
 
     async def rewards(self, states: Sequence[Answer]) -> list[list[float] | None]:
         """Self-rewards (None where the call failed); with ``verify``, the mean verifier

@@ -16,8 +16,8 @@ chain stops as soon as a version passes every check (DONE and ``stop_score`` no 
 it while a check fails); a version replaces the kept one only with a strictly better
 verifier report, or an equal report and a higher self-score.
 
-A feedback or refinement call that fails for good ends that chain (``stop``:
-"feedback failed" / "refine failed") with its best version so far; when no version
+A feedback or refinement call that fails for good, or a blank rewrite, ends that chain
+(``stop``: "feedback failed" / "refine failed" / "blank rewrite") with its best version so far; when no version
 of any chain got feedback (or a verifier report), the failure surfaces.
 """
 
@@ -128,6 +128,9 @@ class SelfRefine(Strategy):
             refined = await self._refine(ctx, params, current)
             if refined is None:
                 history[-1]["stop"] = "refine failed"
+                break
+            if not refined.text.strip():  # a blank rewrite is no answer, whatever it would be scored
+                history[-1]["stop"] = "blank rewrite"
                 break
             if refined.text.strip() == current.choice.text.strip():
                 history[-1]["stop"] = "no change"

@@ -341,8 +341,10 @@ def with_feedback(self_feedback: str, report: Report | None) -> str:
 async def rewrite_failing(ctx: "RunContext", texts: Sequence[str], reports: Sequence[Report], *,
                           temperature: float) -> list["Choice | None"]:
     """One rewrite of each text from its verifiers' feedback (the REFINE prompt in the caller's
-    conversation, ``Task.refine_request``), all in one batch; None where the call failed for good."""
+    conversation, ``Task.refine_request``), all in one batch; None where the call failed for good
+    or the rewrite is blank (no answer to check)."""
     requests = [ctx.task.refine_request(text, report.feedback, temperature=temperature,
                                         max_tokens=ctx.task.max_tokens or 512)
                 for text, report in zip(texts, reports)]
-    return [None if g is None else g.choices[0] for g in await ctx.generate(requests, allow_partial=True)]
+    return [None if g is None or not g.choices[0].text.strip() else g.choices[0]
+            for g in await ctx.generate(requests, allow_partial=True)]

@@ -178,7 +178,12 @@ def is_feedback(request: GenerationRequest) -> bool:
 
 
 def is_refine(request: GenerationRequest) -> bool:
-    return match_template(request, prompts.REFINE) is not None
+    """A rewrite request, in chat mode or in completion mode (``REFINE`` + the task's prompt)."""
+    return refine_fields(request) is not None
+
+
+def refine_fields(request: GenerationRequest) -> dict[str, str] | None:
+    return match_template(request, prompts.REFINE) or match_template(request, prompts.REFINE + "{task_prompt}")
 
 
 def is_critique(request: GenerationRequest) -> bool:

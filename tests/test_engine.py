@@ -103,3 +103,17 @@ async def test_self_consistency_reads_no_answer_into_samples_the_engine_cut_off(
     assert [s["cut_off"] for s in samples] == [True] * 3, samples
     assert [s["answer"] for s in samples] == [None] * 3, samples
     assert result.answer == samples[0]["text"]
+
+
+async def test_self_refine_on_a_few_shot_completion_answers_in_the_task_format(engine_backend):
+    """A completion-mode rewrite continues the task's prompt, so the real model's rewrite is an
+    answer in the few-shot format, not the blank line it wrote after the bare REFINE prompt."""
+    from strategies import Task, run_strategy
+
+    task = Task(prompt=FEW_SHOT, stop=("\n",), max_tokens=8)
+    result = await run_strategy("self-refine", task, engine_backend, use_cache=False,
+                                params={"max_rounds": 1, "stop_score": 10, "temperature": 0.2})
+    chain = result.trace["chains"][0]
+    assert result.answer.strip(), chain
+    if len(chain) > 1:  # the draft was refined: the rewrite is a short answer, not blank
+        assert chain[1]["text"].strip() and len(chain[1]["text"]) < 40, chain

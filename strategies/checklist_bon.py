@@ -181,7 +181,7 @@ class ChecklistBestOfN(Strategy):
             ctx.trace["refine"] = {"failed": True, "kept": False}
             return winner
         (rewrite,) = rewrites
-        if not rewrite.text.strip():  # a blank rewrite is no answer to judge
+        if rewrite.blank:
             ctx.trace["refine"] = {"text": rewrite.text, "blank": True, "kept": False}
             return winner
         (new_row,), new_reports = await alongside(ctx, [rewrite.text],

@@ -157,7 +157,7 @@ class RefineProblem(LLMProblem):
         generations = await self.ctx.generate(rewrites, allow_partial=True)
         # A failed call or a blank rewrite adds no child: a blank answer is no answer to score.
         return [Answer(g.choices[0], c.text) for c, g in zip(critiques, generations)
-                if g is not None and g.choices[0].text.strip()]
+                if g is not None and not g.choices[0].blank]
 
     async def rewards(self, states: Sequence[Answer]) -> list[list[float] | None]:
         """Self-rewards (None where the call failed); with ``verify``, the mean verifier

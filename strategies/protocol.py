@@ -64,6 +64,11 @@ class Choice:
         return self.finish_reason == "length"
 
     @property
+    def blank(self) -> bool:
+        """Nothing but whitespace: no answer, whatever a judge would score it."""
+        return not self.text.strip()
+
+    @property
     def mean_logprob(self) -> float | None:
         if not self.token_logprobs:
             return None

@@ -129,7 +129,7 @@ class SelfRefine(Strategy):
             if refined is None:
                 history[-1]["stop"] = "refine failed"
                 break
-            if not refined.text.strip():  # a blank rewrite is no answer, whatever it would be scored
+            if refined.blank:
                 history[-1]["stop"] = "blank rewrite"
                 break
             if refined.text.strip() == current.choice.text.strip():

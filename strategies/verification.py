@@ -346,5 +346,5 @@ async def rewrite_failing(ctx: "RunContext", texts: Sequence[str], reports: Sequ
     requests = [ctx.task.refine_request(text, report.feedback, temperature=temperature,
                                         max_tokens=ctx.task.max_tokens or 512)
                 for text, report in zip(texts, reports)]
-    return [None if g is None or not g.choices[0].text.strip() else g.choices[0]
+    return [None if g is None or g.choices[0].blank else g.choices[0]
             for g in await ctx.generate(requests, allow_partial=True)]

@@ -163,11 +163,12 @@ class Task:
         it keeps everything the caller sent: the ``REFINE`` prompt replaces the last user
         turn (it quotes that turn and anything after it), after the caller's system prompt
         and earlier turns, with the caller's extras (``tools``, ``response_format`` ...),
-        model and stop strings. In completion mode the prompt is ``REFINE`` around the task,
-        followed by the task's prompt again: the rewrite continues it as a sample does, so the
-        task's format and stop strings hold (a few-shot ``6+1=`` gets ``7``, not a blank line)."""
+        model and stop strings. In completion mode the prompt is ``REFINE_CONTINUATION``
+        (the response and its feedback) followed by the task's prompt: the rewrite continues
+        it as a sample does, so the task's format and stop strings hold (a few-shot ``6+1=``
+        gets ``7``, not a blank line)."""
         if self.prompt is not None:
-            text = prompts.REFINE.format(task=self.conversation, response=response, feedback=feedback)
+            text = prompts.REFINE_CONTINUATION.format(response=response, feedback=feedback)
             return self.sample_request(prompt=text + self.prompt, **sampling)
         messages = self.messages
         last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)

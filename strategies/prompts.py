@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-PROMPT_VERSION = "2026-11-30.2"
+PROMPT_VERSION = "2026-11-30.3"
 
 FEEDBACK = """You are reviewing a response to a task.
 
@@ -45,6 +45,20 @@ Feedback:
 Write the improved response. Output only the response itself.
 
 Improved response:
+"""
+
+# Completion mode: the rewrite is this, then the task's own prompt, which the model continues
+# as it does a sample. The task is not quoted again and no "Improved response:" cue ends it:
+# after REFINE's cue the 135M model began a few-shot rewrite with a blank line in 79 of 80 tries
+# (arith, 10 items x 2 critiques x 4), after this one in 0 of 80.
+REFINE_CONTINUATION = """Improve the previous response using the feedback.
+
+Previous response:
+{response}
+
+Feedback:
+{feedback}
+
 """
 
 CRITIQUE = """Task:

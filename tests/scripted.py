@@ -178,12 +178,15 @@ def is_feedback(request: GenerationRequest) -> bool:
 
 
 def is_refine(request: GenerationRequest) -> bool:
-    """A rewrite request, in chat mode or in completion mode (``REFINE`` + the task's prompt)."""
+    """A rewrite request, in chat mode (``REFINE``) or in completion mode (``REFINE_CONTINUATION``
+    + the task's prompt)."""
     return refine_fields(request) is not None
 
 
 def refine_fields(request: GenerationRequest) -> dict[str, str] | None:
-    return match_template(request, prompts.REFINE) or match_template(request, prompts.REFINE + "{task_prompt}")
+    """``response`` and ``feedback`` of a rewrite request, with ``task`` (chat: the quoted turns;
+    completion: the task's prompt)."""
+    return match_template(request, prompts.REFINE) or match_template(request, prompts.REFINE_CONTINUATION + "{task}")
 
 
 def is_critique(request: GenerationRequest) -> bool:

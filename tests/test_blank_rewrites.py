@@ -17,9 +17,11 @@ FEW_SHOT = Task(prompt="2+3=5\n4+4=8\n6+1=", stop=("\n",), max_tokens=8)
 
 def test_a_completion_mode_rewrite_continues_the_task_prompt() -> None:
     request = FEW_SHOT.refine_request("8", "Check the sum.", temperature=0.2)
-    assert request.prompt.endswith("Improved response:\n2+3=5\n4+4=8\n6+1=")
-    assert refine_fields(request) == {"task": FEW_SHOT.conversation, "response": "8", "feedback": "Check the sum.",
-                                      "task_prompt": FEW_SHOT.prompt}
+    # No "Improved response:" cue between the feedback and the task (the real model answered it with a
+    # blank line, see prompts.REFINE_CONTINUATION), and the task is not quoted twice.
+    assert request.prompt == ("Improve the previous response using the feedback.\n\nPrevious response:\n8\n\n"
+                              "Feedback:\nCheck the sum.\n\n2+3=5\n4+4=8\n6+1=")
+    assert refine_fields(request) == {"task": FEW_SHOT.prompt, "response": "8", "feedback": "Check the sum."}
     assert request.stop == ("\n",) and request.max_tokens == 8
 
 

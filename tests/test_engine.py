@@ -117,3 +117,17 @@ async def test_self_refine_on_a_few_shot_completion_answers_in_the_task_format(e
     assert result.answer.strip(), chain
     if len(chain) > 1:  # the draft was refined: the rewrite is a short answer, not blank
         assert chain[1]["text"].strip() and len(chain[1]["text"]) < 40, chain
+
+
+async def test_mcts_refine_searches_a_few_shot_completion_task(engine_backend):
+    """MCTSr's rewrites of a few-shot answer are answers in the task's format, so the tree grows.
+    After the old rewrite prompt (REFINE's "Improved response:" cue, then the task) the real model
+    wrote a blank line first in 79 of 80 tries: every tree stayed a childless root."""
+    from strategies import Task, run_strategy
+
+    task = Task(prompt=FEW_SHOT, stop=("\n",), max_tokens=8)
+    result = await run_strategy("mcts", task, engine_backend, use_cache=False,
+                                params={"mode": "refine", "simulations": 2, "branching": 2, "value_samples": 1})
+    children = result.trace["tree"]["children"]
+    assert children, result.trace
+    assert all(c["state"]["text"].strip() and len(c["state"]["text"]) < 40 for c in children), children

@@ -432,6 +432,16 @@ class StrategyResult:
         }
 
 
+def finished_first(candidates: Sequence[Choice], scores: Sequence[float | None]) -> Callable[[int], tuple[bool, float]]:
+    """A selection's own rank of candidate ``i`` (higher is better): a finished candidate before
+    one cut off at max_tokens, then its score; a candidate with no score (its judging call
+    failed) below every scored one. ``scores`` is parallel to ``candidates``."""
+    def rank(i: int) -> tuple[bool, float]:
+        score = scores[i]
+        return not candidates[i].cut_off, -1.0 if score is None else score
+    return rank
+
+
 @dataclass
 class Candidate:
     """The answer a strategy would give if stopped now."""

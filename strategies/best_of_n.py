@@ -20,7 +20,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from . import prompts
-from .base import Candidate, RunContext, Strategy, StrategyParams, cache_key, register, temperature_field
+from .base import (
+    Candidate, RunContext, Strategy, StrategyParams, cache_key, finished_first, register, temperature_field,
+)
 from .verification import alongside, pick
 
 
@@ -52,11 +54,7 @@ class BestOfN(Strategy):
         rated = [i for i, m in enumerate(means) if m is not None]
         if not rated and reports is None:
             raise ctx.first_failure()
-        own = [-1.0 if m is None else m for m in means]  # an unrated candidate ranks below every rated one
-
-        def rank(i: int) -> tuple[bool, float]:  # a finished candidate before one cut off, then the rating
-            return not candidates[i].cut_off, own[i]
-
+        rank = finished_first(candidates, means)
         best = max(rated or range(len(candidates)), key=rank)  # max keeps the first of equals
         best = pick(ctx, reports, rank, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=means[best])

@@ -32,8 +32,8 @@ from pydantic import Field, StringConstraints, model_validator
 
 from . import prompts
 from .base import (
-    Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, gather_or_cancel, register,
-    temperature_field,
+    Candidate, RunContext, Strategy, StrategyError, StrategyParams, cache_key, finished_first, gather_or_cancel,
+    register, temperature_field,
 )
 from .protocol import Choice
 from .verification import Report, alongside, keeps, pick, with_feedback
@@ -94,11 +94,7 @@ class ChecklistBestOfN(Strategy):
         judged = [i for i, score in enumerate(scores) if score is not None]
         if not judged and reports is None:
             raise ctx.first_failure()
-        own = [-1.0 if s is None else s for s in scores]  # a candidate with no verdict ranks below every judged one
-
-        def rank(i: int) -> tuple[bool, float]:  # a finished candidate before one cut off, then the score
-            return not candidates[i].cut_off, own[i]
-
+        rank = finished_first(candidates, scores)
         best = max(judged or range(len(candidates)), key=lambda i: (rank(i), -i))
         best = pick(ctx, reports, rank, best)  # with verify: passing candidates first
         ctx.propose(candidates[best], score=scores[best])
@@ -112,8 +108,9 @@ class ChecklistBestOfN(Strategy):
         ctx.emit("verdicts", scores=[_rounded(s) for s in scores], chosen=best)
         winner: Choice = candidates[best]
         report = reports[best] if reports else None
-        if params.refine and (own[best] < 1.0 or (report is not None and not report.passed)):
-            winner = await self._refine(ctx, params, winner, verdicts[best], own[best], checklist, weights, report)
+        _, score = rank(best)  # -1 when the winner has no verdict
+        if params.refine and (score < 1.0 or (report is not None and not report.passed)):
+            winner = await self._refine(ctx, params, winner, verdicts[best], score, checklist, weights, report)
         return Candidate.of(winner)
 
     async def _checklist(self, ctx: RunContext, params: ChecklistBoNParams) -> list[str]:

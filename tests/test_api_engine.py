@@ -205,8 +205,8 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 def test_delete_run_cancels_backend_work(http, engine):
-    # A chat task: SmolLM2-Instruct writes the story (measured: 4 of 4 samples ran to 1500 tokens). As a bare
-    # completion prompt the instruct model ends at once (8 of 8 runs: 4 empty samples in 0.2 s), so the engine's
+    # A chat task: SmolLM2-Instruct writes the story (measured: 3 of 3 runs, every sample to 1500 tokens). As a bare
+    # completion prompt the instruct model ends at once (8 of 8 runs: 4 empty samples in 0.1-0.3 s), so the engine's
     # running gauge was up for less than a poll and CI failed "engine never started the run".
     created = http.post("/v1/runs", json={"task": {"messages": [{"role": "user",
                                                                  "content": "Write a long story about a dragon."}]},
